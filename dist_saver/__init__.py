@@ -1,0 +1,19 @@
+"""dist_saver: save PyTorch weights from every rank in parallel into the Hugging Face safetensors
+layout, and load them back per rank."""
+
+from .errors import CheckpointError, DistSaverError, PlanError, SaveError
+from .load import LoadResult, dist_load, load_state_dict
+from .save import SaveResult, dist_save
+
+__all__ = [
+    "dist_save",
+    "dist_load",
+    "load_state_dict",
+    "SaveResult",
+    "LoadResult",
+    "DistSaverError",
+    "CheckpointError",
+    "SaveError",
+    "PlanError",
+]
+__version__ = "0.1.0"

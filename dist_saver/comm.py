@@ -1,0 +1,97 @@
+"""Every torch.distributed call of the package goes through here.
+
+Without an initialised process group everything works as a group of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import traceback
+from typing import Any, Sequence
+
+import torch.distributed as dist
+
+from .errors import DistSaverError, SaveError
+
+
+class Comm:
+    def __init__(self, process_group=None):
+        self.active = dist.is_available() and dist.is_initialized()
+        if process_group is not None and not self.active:
+            raise ValueError("process_group given but torch.distributed is not initialised")
+        self.group = process_group
+        if self.active:
+            self.rank = dist.get_rank(process_group)
+            self.world_size = dist.get_world_size(process_group)
+            if self.rank < 0:
+                raise ValueError("this rank is not a member of the given process_group")
+        else:
+            self.rank, self.world_size = 0, 1
+
+    def global_rank(self, group_rank: int) -> int:
+        if not self.active or self.group is None:
+            return group_rank
+        return dist.get_global_rank(self.group, group_rank)
+
+    def all_gather_object(self, obj: Any) -> list:
+        if not self.active or self.world_size == 1:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int) -> Any:
+        """obj from group rank src to every rank."""
+        if not self.active or self.world_size == 1:
+            return obj
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=self.global_rank(src), group=self.group)
+        return box[0]
+
+    def gather_deduplicated(self, obj: Any, error: BaseException | None, what: str) -> list[tuple[list[int], Any]]:
+        """Gather obj from every rank, sending each distinct value once.
+
+        Returns [(ranks, value)] in rank order. Under DDP/FSDP every rank describes the same
+        tensors, so one broadcast replaces a world-sized all-gather. A local error is agreed on
+        first, so all ranks raise together instead of leaving the others in a collective.
+        """
+        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if error is None else b""
+        digest = hashlib.sha256(payload).hexdigest()
+        digests = self.all_gather_object((digest, describe_error(error)))
+        raise_if_failed([d[1] for d in digests], what)
+        groups: dict[str, list[int]] = {}
+        for r, (d, _) in enumerate(digests):
+            groups.setdefault(d, []).append(r)
+        out = []
+        for ranks in groups.values():
+            value = self.broadcast_object(obj if self.rank == ranks[0] else None, ranks[0])
+            out.append((ranks, value))
+        return out
+
+    def agree(self, error: BaseException | None, what: str, cls: type = SaveError) -> None:
+        """Collective: raise the same error (cls) on every rank if any rank failed."""
+        raise_if_failed(self.all_gather_object(describe_error(error)), what, cls)
+
+
+def describe_error(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    if isinstance(error, (DistSaverError, TypeError, ValueError, OSError, NotImplementedError)):
+        return f"{type(error).__name__}: {error}"
+    # Unexpected: keep the traceback's tail so the failing line is visible on every rank.
+    tb = "".join(traceback.format_exception(error)[-3:]).strip()
+    return f"{type(error).__name__}: {error}\n{tb}"
+
+
+def raise_if_failed(errors: Sequence[str | None], what: str, cls: type = SaveError) -> None:
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if not failed:
+        return
+    # The same text on every rank; ranks failing with the same message are listed together.
+    by_msg: dict[str, list[int]] = {}
+    for r, e in failed:
+        by_msg.setdefault(e, []).append(r)
+    lines = [f"rank {','.join(map(str, rs))}: {msg}" for msg, rs in by_msg.items()]
+    raise cls(f"{what} failed on {len(failed)} of {len(errors)} rank(s):\n  " + "\n  ".join(lines))
+

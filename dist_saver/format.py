@@ -1,0 +1,215 @@
+"""The on-disk format: safetensors headers, file names, the index, size strings.
+
+Nothing else in the package builds file names or encodes/decodes JSON headers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+
+from .errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Key under the index's "metadata" that marks a checkpoint as ours and carries our extras.
+META_KEY = "dist_saver"
+FORMAT_VERSION = 1
+
+# The tensor data starts at a multiple of this, so O_DIRECT writes of the data are aligned.
+# safetensors only needs 8; the header is padded with spaces, which every JSON parser skips.
+DATA_ALIGN = 4096
+
+_CODE_TO_DTYPE: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _code, _attr in (("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16")):
+    if hasattr(torch, _attr):
+        _CODE_TO_DTYPE[_code] = getattr(torch, _attr)
+_DTYPE_TO_CODE = {dt: code for code, dt in _CODE_TO_DTYPE.items()}
+
+_FILE_RE = re.compile(r"^model-(\d{5,})-of-(\d{5,})\.safetensors$")
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """safetensors' name for a torch dtype; raises for dtypes the format cannot hold."""
+    try:
+        return _DTYPE_TO_CODE[dtype]
+    except KeyError:
+        raise TypeError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    try:
+        return _CODE_TO_DTYPE[code]
+    except KeyError:
+        raise CheckpointError(f"unknown safetensors dtype {code!r}") from None
+
+
+def itemsize(code: str) -> int:
+    return _CODE_TO_DTYPE[code].itemsize
+
+
+def shard_file_name(number: int, total: int) -> str:
+    """The Hugging Face shard name, 1-based: model-00001-of-00004.safetensors."""
+    return f"model-{number:05d}-of-{total:05d}.safetensors"
+
+
+def is_shard_file_name(name: str) -> bool:
+    return _FILE_RE.match(name) is not None
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+          "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """Bytes from an int or a string like "5GB" (10^9) or "512MiB" (2^20), as transformers does."""
+    if size is None or isinstance(size, int):
+        if isinstance(size, int) and size <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        return size
+    m = _SIZE_RE.match(str(size))
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in _UNITS:
+        raise ValueError(f"cannot parse size {size!r}; use bytes or e.g. '5GB', '512MiB'")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def encode_header(entries: Iterable[HeaderEntry], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The file prefix (8-byte length + JSON), padded so the data starts at DATA_ALIGN."""
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+    body = json.dumps(header, separators=(",", ":")).encode()
+    total = -(-(8 + len(body)) // DATA_ALIGN) * DATA_ALIGN
+    body += b" " * (total - 8 - len(body))
+    return struct.pack("<Q", len(body)) + body
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """(header dict, data start) of a safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{path}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        size = os.fstat(f.fileno()).st_size
+        if n > size - 8:
+            raise CheckpointError(f"{path}: header length {n} exceeds file size {size}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: header is not valid JSON: {e}") from None
+    return header, 8 + n
+
+
+def index_document(weight_map: Mapping[str, str], total_size: int, extra: Mapping) -> dict:
+    return {
+        "metadata": {"total_size": total_size, META_KEY: {"version": FORMAT_VERSION, **extra}},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+
+
+def write_json_atomic(path: str, doc: dict) -> None:
+    """Write to a temp name, fsync, rename, fsync the directory: readers see all or nothing."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class CheckpointIndex:
+    """Where each stored tensor lives, read from an index or a single model.safetensors."""
+
+    directory: str
+    weight_map: dict[str, str]  # stored name -> file name (relative)
+    aliases: dict[str, str]  # alias name -> stored name
+    ours: dict | None  # our metadata block, or None for checkpoints from other tools
+
+
+def read_index(path: str) -> CheckpointIndex:
+    """Locate the tensors of a checkpoint directory (or a single .safetensors file)."""
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        directory, single = os.path.dirname(path) or ".", os.path.basename(path)
+    else:
+        directory, single = path, None
+        index_path = os.path.join(path, INDEX_NAME)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path) as f:
+                    doc = json.load(f)
+                weight_map = dict(doc["weight_map"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index_path}: not a valid index: {e!r}") from None
+            ours = (doc.get("metadata") or {}).get(META_KEY)
+            aliases = dict((ours or {}).get("aliases", {}))
+            return CheckpointIndex(directory, weight_map, aliases, ours)
+        if os.path.isfile(os.path.join(path, SINGLE_NAME)):
+            single = SINGLE_NAME
+        elif not os.path.isdir(path):
+            raise CheckpointError(f"{path}: no such checkpoint directory")
+        else:
+            raise CheckpointError(f"{path}: no {INDEX_NAME} or {SINGLE_NAME}: not a complete checkpoint")
+    header, _ = read_header(os.path.join(directory, single))
+    names = [k for k in header if k != "__metadata__"]
+    return CheckpointIndex(directory, {n: single for n in names}, {}, None)
+
+
+def looks_like_our_checkpoint(directory: str) -> bool:
+    """True if every entry is an index of ours, its temp files, or a shard file name we write."""
+    index_path = os.path.join(directory, INDEX_NAME)
+    if os.path.isfile(index_path):
+        try:
+            if read_index(directory).ours is None:
+                return False
+        except CheckpointError:
+            return False
+    for name in os.listdir(directory):
+        if not (name == INDEX_NAME or name.startswith(INDEX_NAME + ".tmp") or is_shard_file_name(name)):
+            return False
+    return True

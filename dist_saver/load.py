@@ -1,0 +1,157 @@
+"""Loading: each rank opens only the files holding its tensors and reads them through mmaps."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+
+from . import format as fmt
+from .comm import Comm
+from .errors import CheckpointError
+from .state import alias_key, as_state_dict
+
+log = logging.getLogger("dist_saver")
+
+
+@dataclass
+class LoadResult:
+    path: str
+    loaded: list[str] = field(default_factory=list)  # target names filled
+    files_opened: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+
+def _resolve(index: fmt.CheckpointIndex, name: str) -> str | None:
+    """The stored name that holds `name` (itself, or the tensor it is tied to)."""
+    if name in index.weight_map:
+        return name
+    target = index.aliases.get(name)
+    return target if target in index.weight_map else None
+
+
+def _file_path(index: fmt.CheckpointIndex, stored: str) -> str:
+    return os.path.join(index.directory, index.weight_map[stored])
+
+
+def load_state_dict(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Read a Hugging Face checkpoint (ours or any tool's) into a dict of CPU tensors.
+
+    names: only these (aliases included); default all. Tied names share one tensor, as saved.
+    """
+    index = fmt.read_index(os.fspath(path))
+    wanted = list(names) if names is not None else list(index.weight_map) + list(index.aliases)
+    stored_of: dict[str, str] = {}
+    for name in wanted:
+        stored = _resolve(index, name)
+        if stored is None:
+            raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {index.directory}")
+        stored_of[name] = stored
+    loaded: dict[str, torch.Tensor] = {}
+    for file, stored_names in _by_file(index, set(stored_of.values())).items():
+        with _open(index, file) as f:
+            for stored in stored_names:
+                # clone: the tensor outlives the mmap and the file may be replaced later
+                loaded[stored] = f.get_tensor(stored).clone()
+    return {name: loaded[stored] for name, stored in stored_of.items()}
+
+
+def _by_file(index: fmt.CheckpointIndex, stored: Iterable[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for s in sorted(stored):
+        out.setdefault(index.weight_map[s], []).append(s)
+    return out
+
+
+def _open(index: fmt.CheckpointIndex, file: str):
+    path = os.path.join(index.directory, file)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: shard file missing")
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot open as safetensors: {e}") from None
+
+
+def dist_load(
+    model_or_state_dict,
+    path: str | os.PathLike,
+    *,
+    strict: bool = True,
+    process_group=None,
+) -> LoadResult:
+    """Fill the model's (or state dict's) tensors in place from the checkpoint at path.
+
+    Each rank opens only the files holding its own tensors. With strict, names the checkpoint
+    lacks or has in excess raise CheckpointError; shape or dtype mismatches always do. If a
+    process group is initialised, an error on any rank is raised on every rank.
+    """
+    t0 = time.perf_counter()
+    path = os.fspath(path)
+    comm = Comm(process_group)
+    result = LoadResult(path)
+    error = None
+    try:
+        _load_into(as_state_dict(model_or_state_dict), path, strict, result)
+    except Exception as e:
+        error = e
+    if comm.world_size > 1:
+        comm.agree(error, f"loading {path}", CheckpointError)
+    elif error is not None:
+        raise error
+    result.seconds = time.perf_counter() - t0
+    log.debug("rank %d loaded %d tensors (%d bytes) from %d files in %.2fs", comm.rank,
+              len(result.loaded), result.bytes_read, len(result.files_opened), result.seconds)
+    return result
+
+
+def _load_into(targets, path: str, strict: bool, result: LoadResult) -> None:
+    index = fmt.read_index(path)
+    # Tied target tensors share memory: fill each memory once, from whichever name is stored.
+    groups: dict = {}
+    for name, t in targets.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"target entry {name!r} is a {type(t).__name__}, not a tensor")
+        key = alias_key(t)
+        groups.setdefault(key if key is not None else ("name", name), []).append(name)
+    jobs: dict[str, list[tuple[str, torch.Tensor]]] = {}  # stored name -> [(target name, tensor)]
+    missing = []
+    for names in groups.values():
+        stored = next((s for s in map(lambda n: _resolve(index, n), names) if s is not None), None)
+        if stored is None:
+            missing.extend(names)
+            continue
+        jobs.setdefault(stored, []).append((names[0], targets[names[0]]))
+        result.loaded.extend(names)
+    if strict:
+        expected = set(targets)
+        unexpected = sorted(n for n in list(index.weight_map) + list(index.aliases) if n not in expected)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint {path} does not match the model: missing {sorted(missing)[:10]}"
+                f"{'...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
+                f"{'...' if len(unexpected) > 10 else ''} (pass strict=False to load the overlap)"
+            )
+    for file, stored_names in _by_file(index, jobs).items():
+        result.files_opened.append(file)
+        with _open(index, file) as f:
+            for stored in stored_names:
+                src = f.get_slice(stored)
+                shape, dtype = tuple(src.get_shape()), fmt.torch_dtype(src.get_dtype())
+                for name, target in jobs[stored]:
+                    if tuple(target.shape) != shape or target.dtype != dtype:
+                        raise CheckpointError(
+                            f"tensor {name!r}: the model has {target.dtype}{list(target.shape)} but file "
+                            f"{file} has {dtype}{list(shape)} (stored as {stored!r})"
+                        )
+                data = f.get_tensor(stored)
+                for _, target in jobs[stored]:
+                    with torch.no_grad():
+                        target.copy_(data)
+                result.bytes_read += data.numel() * data.element_size()

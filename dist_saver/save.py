@@ -1,0 +1,127 @@
+"""dist_save: describe -> plan -> write -> commit, called on every rank."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from . import format as fmt
+from .comm import Comm, raise_if_failed, describe_error
+from .commit import prepare_directory, publish_index, remove_stale
+from .plan import Plan, make_plan, merge_metadata
+from .state import collect
+from .writer import StagingBuffer, WrittenFile, tensor_chunks, write_file
+
+log = logging.getLogger("dist_saver")
+
+
+@dataclass
+class SaveResult:
+    """What a save wrote, the same on every rank (except `rank`)."""
+
+    path: str
+    rank: int
+    world_size: int
+    files: list[WrittenFile]  # every rank's files
+    total_bytes: int  # tensor data bytes in the checkpoint
+    seconds: float
+    index_path: str = ""
+    plan: Plan | None = field(default=None, repr=False)
+
+    @property
+    def my_files(self) -> list[WrittenFile]:
+        return [f for f in self.files if f.rank == self.rank]
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.total_bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+
+def dist_save(
+    model_or_state_dict,
+    path: str | os.PathLike,
+    *,
+    max_shard_size: int | str | None = None,
+    process_group=None,
+) -> SaveResult:
+    """Save on every rank of the group into one Hugging Face safetensors checkpoint at path.
+
+    Collective: every rank calls it with its own model or state dict. Each tensor is written
+    once, by one owner rank (balanced by bytes); rank 0 publishes model.safetensors.index.json
+    last, so its presence means the checkpoint is complete.
+    """
+    t0 = time.perf_counter()
+    path = os.fspath(path)
+    comm = Comm(process_group)
+    max_bytes = fmt.parse_size(max_shard_size)
+
+    # 1. Describe local tensors; every rank learns every rank's description (or error).
+    local, error = None, None
+    try:
+        local = collect(model_or_state_dict)
+        payload = (local.metas, local.aliases)
+    except Exception as e:  # reported on every rank by the gather below
+        payload, error = None, e
+    groups = comm.gather_deduplicated(payload, error, "describing the state dict")
+
+    # 2. The same plan everywhere (pure; a mismatch raises the same PlanError on every rank).
+    infos, aliases = merge_metadata(
+        [(ranks, value[0]) for ranks, value in groups], comm.world_size, [value[1] for _, value in groups]
+    )
+    plan = make_plan(infos, comm.world_size, max_bytes, aliases)
+
+    # 3. Rank 0 readies the directory; nobody writes until it has.
+    old_files: list[str] = []
+    error = None
+    if comm.rank == 0:
+        try:
+            old_files = prepare_directory(path)
+        except Exception as e:
+            error = e
+    comm.agree(error, f"preparing {path}")
+
+    # 4. Every rank streams its own files.
+    written: list[WrittenFile] = []
+    error = None
+    try:
+        os.makedirs(path, exist_ok=True)
+        staging = StagingBuffer()
+        for fplan in plan.files_of(comm.rank):
+            written.append(
+                write_file(
+                    os.path.join(path, fplan.name),
+                    fplan,
+                    lambda name: tensor_chunks(local.tensors[name], staging),
+                    comm.rank,
+                )
+            )
+    except Exception as e:
+        error = e
+    reports = comm.all_gather_object((written, describe_error(error)))
+    raise_if_failed([r[1] for r in reports], f"writing {path}")
+    all_written = [w for r in reports for w in r[0]]
+
+    # 5. Rank 0 checks the files against the plan and publishes the index, last.
+    error, index_path = None, os.path.join(path, fmt.INDEX_NAME)
+    if comm.rank == 0:
+        try:
+            publish_index(path, plan, all_written)
+            remove_stale(path, old_files, plan)
+        except Exception as e:
+            error = e
+    comm.agree(error, f"publishing the index of {path}")
+
+    result = SaveResult(
+        path, comm.rank, comm.world_size, all_written, plan.total_size,
+        time.perf_counter() - t0, index_path, plan,
+    )
+    if comm.rank == 0:
+        slowest = max(all_written, key=lambda w: w.seconds, default=None)
+        log.info(
+            "saved %s: %.3f GB in %d files from %d rank(s) in %.2fs (%.2f GB/s)%s",
+            path, result.total_bytes / 1e9, len(all_written), comm.world_size, result.seconds,
+            result.gb_per_s, f", slowest rank {slowest.rank}" if slowest else "",
+        )
+    return result

@@ -1,0 +1,80 @@
+"""Run a function on N real processes joined by a gloo process group (CPU), with a timeout."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class RankFailed(AssertionError):
+    pass
+
+
+def _entry(fn, rank, world_size, init_file, results, args, kwargs):
+    torch.set_num_threads(1)  # N processes share 2 cores
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=60),
+        )
+        out = fn(rank, world_size, *args, **kwargs)
+        results.put((rank, True, out))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 120, **kwargs) -> list:
+    """fn(rank, world_size, *args, **kwargs) on every rank; its return values, by rank.
+
+    Raises RankFailed with every failing rank's traceback, or if any rank is still running
+    after `timeout` seconds (then all are killed): a hang is a failure, never a stuck suite.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    fd, init_file = tempfile.mkstemp(prefix="dist_saver_pg_")
+    os.close(fd)
+    os.remove(init_file)  # the file store creates it
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world_size, init_file, results, args, kwargs), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outs: dict[int, tuple[bool, object]] = {}
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    try:
+        while len(outs) < world_size:
+            left = (deadline - datetime.datetime.now()).total_seconds()
+            if left <= 0:
+                break
+            try:
+                rank, ok, out = results.get(timeout=min(left, 1.0))
+                outs[rank] = (ok, out)
+            except queue.Empty:
+                if all(not p.is_alive() for p in procs) and results.empty():
+                    break
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if os.path.exists(init_file):
+            os.remove(init_file)
+    failed = [f"rank {r}:\n{o}" for r, (ok, o) in sorted(outs.items()) if not ok]
+    missing = [r for r in range(world_size) if r not in outs]
+    if missing:
+        failed.append(f"ranks {missing} returned nothing within {timeout}s (hung or died)")
+    if failed:
+        raise RankFailed("\n".join(failed))
+    return [outs[r][1] for r in range(world_size)]
