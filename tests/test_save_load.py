@@ -1,0 +1,138 @@
+"""Save and load in one process (world size 1, no process group)."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dist_saver import CheckpointError, SaveError, dist_load, dist_save, load_state_dict
+from dist_saver import format as fmt
+from dist_saver.synthetic import TinyLlama
+from dist_saver.writer import StagingBuffer, tensor_chunks
+
+from .helpers import assert_bitwise_equal, check_checkpoint_files, mixed_state_dict
+
+
+def test_roundtrip_every_dtype_tied_and_noncontiguous(tmp_path):
+    sd = mixed_state_dict()
+    result = dist_save(sd, tmp_path / "ck", max_shard_size="2KB")
+    index = check_checkpoint_files(tmp_path / "ck")
+    assert len(result.files) > 1 and result.world_size == 1
+    assert index["metadata"]["dist_saver"]["aliases"] == {"lm_head.weight": "embed.weight"}
+    assert "lm_head.weight" not in index["weight_map"]
+    back = load_state_dict(tmp_path / "ck")
+    assert_bitwise_equal(back, sd)
+    assert back["lm_head.weight"] is back["embed.weight"]
+    # dist_load into fresh tensors, in place
+    target = {k: torch.zeros_like(v) for k, v in sd.items() if k != "lm_head.weight"}
+    target["lm_head.weight"] = target["embed.weight"]
+    ptrs = {k: v.data_ptr() for k, v in target.items()}
+    dist_load(target, tmp_path / "ck")
+    assert {k: v.data_ptr() for k, v in target.items()} == ptrs
+    assert_bitwise_equal(target, sd)
+
+
+def test_module_roundtrip_keeps_ties(tmp_path):
+    src, dst = TinyLlama(seed=1), TinyLlama(seed=2)
+    dist_save(src, tmp_path / "m")
+    res = dist_load(dst, tmp_path / "m")
+    assert_bitwise_equal(dst.state_dict(), src.state_dict())
+    assert dst.lm_head.weight is dst.model.embed_tokens.weight
+    assert res.files_opened == ["model-00001-of-00001.safetensors"]
+
+
+def test_staged_chunks_cover_noncontiguous_tensors_with_a_tiny_buffer():
+    t = torch.arange(6 * 50, dtype=torch.float32).reshape(6, 50).t()[:, 1:5]  # rows of 16 bytes
+    for size in (8, 16, 40, 1 << 20):  # smaller than a row, a row, a few rows, everything
+        data = b"".join(bytes(c) for c in tensor_chunks(t, StagingBuffer(size)))
+        assert data == t.contiguous().numpy().tobytes()
+    contiguous = torch.arange(10, dtype=torch.int64)
+    chunks = list(tensor_chunks(contiguous, StagingBuffer(8)))
+    assert len(chunks) == 1 and bytes(chunks[0]) == contiguous.numpy().tobytes()
+
+
+def test_contiguous_cpu_tensors_are_written_from_their_own_memory():
+    t = torch.randn(1000)
+    (chunk,) = tensor_chunks(t, StagingBuffer(16))
+    t[0] = 123.0  # the chunk is a view: the write reads the tensor's memory, no copy
+    assert bytes(chunk[:4]) == torch.tensor([123.0]).numpy().tobytes()
+
+
+def test_header_is_aligned_and_readable_by_safetensors(tmp_path):
+    dist_save({"a": torch.ones(3, dtype=torch.float16)}, tmp_path / "c")
+    header, start = fmt.read_header(str(tmp_path / "c" / fmt.shard_file_name(1, 1)))
+    assert start % fmt.DATA_ALIGN == 0
+    assert header["a"] == {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]}
+
+
+def test_load_state_dict_reads_other_tools_checkpoints(tmp_path):
+    sd = {"x": torch.randn(3, 4), "y": torch.arange(5)}
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file(sd, single / "model.safetensors")
+    assert_bitwise_equal(load_state_dict(single), sd)
+    assert_bitwise_equal(load_state_dict(single / "model.safetensors"), sd)
+    # a transformers-style sharded checkpoint: no dist_saver metadata
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    save_file({"x": sd["x"]}, sharded / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    save_file({"y": sd["y"]}, sharded / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    (sharded / fmt.INDEX_NAME).write_text(json.dumps({
+        "metadata": {"total_size": 88},
+        "weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}))
+    assert_bitwise_equal(load_state_dict(sharded, names=["y"]), {"y": sd["y"]})
+    target = {"x": torch.zeros(3, 4), "y": torch.zeros(5, dtype=torch.int64)}
+    dist_load(target, sharded)
+    assert_bitwise_equal(target, sd)
+
+
+def test_load_errors_name_the_tensor_and_file(tmp_path):
+    dist_save({"w": torch.randn(4, 4), "b": torch.randn(4)}, tmp_path / "c")
+    with pytest.raises(CheckpointError, match=r"'w'.*torch.float32\[4, 5\].*model-00001-of-00001.safetensors"):
+        dist_load({"w": torch.zeros(4, 5), "b": torch.zeros(4)}, tmp_path / "c")
+    with pytest.raises(CheckpointError, match=r"'w'.*bfloat16"):
+        dist_load({"w": torch.zeros(4, 4, dtype=torch.bfloat16), "b": torch.zeros(4)}, tmp_path / "c")
+    with pytest.raises(CheckpointError, match=r"missing \['extra'\], unexpected \['b'\]"):
+        dist_load({"w": torch.zeros(4, 4), "extra": torch.zeros(1)}, tmp_path / "c")
+    with pytest.raises(CheckpointError, match="'nope' is not in the checkpoint"):
+        load_state_dict(tmp_path / "c", names=["nope"])
+    res = dist_load({"w": torch.zeros(4, 4)}, tmp_path / "c", strict=False)
+    assert res.loaded == ["w"]
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        load_state_dict(tmp_path)
+
+
+def test_save_refuses_foreign_directory_and_bad_entries(tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(SaveError, match=r"not empty and was not written by dist_saver.*notes.txt"):
+        dist_save({"a": torch.ones(1)}, tmp_path / "other")
+    assert os.listdir(tmp_path / "other") == ["notes.txt"]
+    with pytest.raises(SaveError, match=r"'step' is a int, not a tensor"):
+        dist_save({"a": torch.ones(1), "step": 3}, tmp_path / "x")
+    with pytest.raises(SaveError, match=r"'c'.*cannot be stored"):
+        dist_save({"c": torch.ones(2, dtype=torch.complex128)}, tmp_path / "x")
+    with pytest.raises(ValueError, match="cannot parse size"):
+        dist_save({"a": torch.ones(1)}, tmp_path / "x", max_shard_size="lots")
+
+
+def test_resave_replaces_our_own_checkpoint_and_drops_stale_files(tmp_path):
+    path = tmp_path / "c"
+    dist_save({f"t{i}": torch.full((100,), i) for i in range(4)}, path, max_shard_size=800)
+    assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) == 4
+    new = {"only": torch.arange(3)}
+    dist_save(new, path)
+    assert sorted(os.listdir(path)) == sorted([fmt.INDEX_NAME, fmt.shard_file_name(1, 1)])
+    assert_bitwise_equal(load_state_dict(path), new)
+
+
+def test_parse_size():
+    assert fmt.parse_size("5GB") == 5 * 10**9
+    assert fmt.parse_size("512MiB") == 512 * 2**20
+    assert fmt.parse_size("1.5kb") == 1500
+    assert fmt.parse_size(123) == 123 and fmt.parse_size(None) is None
+    for bad in ("0", "-1GB", "5 parsecs", 0):
+        with pytest.raises(ValueError):
+            fmt.parse_size(bad)
