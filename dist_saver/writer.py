@@ -7,6 +7,7 @@ is the buffer, never a tensor.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from dataclasses import dataclass, field
@@ -50,8 +51,11 @@ class StagingBuffer:
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    """The bytes of a contiguous CPU tensor, without a copy (the caller keeps t alive)."""
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_uint8 * n).from_address(t.data_ptr())).cast("B")
 
 
 def tensor_chunks(t: torch.Tensor, staging: StagingBuffer) -> Iterator[memoryview]:

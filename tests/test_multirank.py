@@ -141,6 +141,7 @@ def _bad_input(rank, world, path, case):
         ("dtype", "PlanError", r"'b' differs across ranks: F16\[4\] on rank\(s\) 0 but F32\[4\] on rank\(s\) 1,2"),
         ("foreign", "SaveError", r"rank 0: SaveError: .* not empty and was not written by dist_saver"),
     ],
+    ids=["non_tensor", "shape", "dtype", "foreign"],
 )
 def test_bad_input_raises_on_every_rank_without_hanging(tmp_path, case, error, pattern):
     path = tmp_path / "ck"
