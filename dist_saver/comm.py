@@ -10,6 +10,7 @@ import pickle
 import traceback
 from typing import Any, Sequence
 
+import torch
 import torch.distributed as dist
 
 from .errors import DistSaverError, SaveError
@@ -29,10 +30,33 @@ class Comm:
         else:
             self.rank, self.world_size = 0, 1
 
+    @property
+    def device(self) -> torch.device:
+        """Where collective buffers must live: the current GPU for NCCL, else the CPU."""
+        if self.active and dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def global_rank(self, group_rank: int) -> int:
         if not self.active or self.group is None:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
+
+    def group_rank(self, global_rank: int) -> int:
+        """This group's rank of a global rank (-1 if it is not a member)."""
+        if not self.active or self.group is None:
+            return global_rank if global_rank < self.world_size else -1
+        try:
+            return dist.get_group_rank(self.group, global_rank)
+        except ValueError:
+            return -1
+
+    def all_to_all_bytes(self, send, send_sizes: list[int], recv, recv_sizes: list[int]) -> None:
+        """One all_to_all of uint8 buffers split by the given per-rank byte counts."""
+        if not self.active or self.world_size == 1:
+            recv.copy_(send)
+            return
+        dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group)
 
     def all_gather_object(self, obj: Any) -> list:
         if not self.active or self.world_size == 1:

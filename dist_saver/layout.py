@@ -1,22 +1,111 @@
-"""How a tensor is split over ranks. Plain tensors are held whole by the rank that has them."""
+"""How a tensor is split over ranks, and which box of the global tensor each rank holds.
+
+A plain tensor is held whole by the rank that has it. A DTensor's layout (its mesh and placements)
+is the same on every rank, so it travels once in the metadata and every rank derives every other
+rank's box from it with DTensor's own shard arithmetic.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import product
 
 import torch
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offset, shape) in the global tensor
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Placeholder for sharded (DTensor) layouts."""
+    """A DTensor's placement: the mesh (global ranks, row-major) and its placements."""
+
+    mesh_shape: tuple[int, ...]
+    mesh_ranks: tuple[int, ...]  # global ranks, flattened row-major
+    placements: tuple  # torch Placement objects (hashable, picklable)
+
+    def describe(self) -> str:
+        return f"placements {list(self.placements)} on a mesh of shape {list(self.mesh_shape)}"
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
-    return hasattr(t, "placements") and hasattr(t, "to_local")
+    return hasattr(t, "placements") and hasattr(t, "device_mesh") and hasattr(t, "to_local")
 
 
 def layout_of(name: str, t: torch.Tensor) -> Layout | None:
-    if is_dtensor(t):
-        raise NotImplementedError(f"tensor {name!r} is a DTensor; sharded tensors are not supported yet")
-    return None
+    """The layout of a DTensor (None for a plain tensor); raises for placements we cannot save."""
+    if not is_dtensor(t):
+        return None
+    for p in t.placements:
+        if not isinstance(p, _whole_value_placements()):
+            raise ValueError(
+                f"tensor {name!r} has placements {list(t.placements)}: {p} is not supported "
+                "(only Shard and Replicate hold whole values; reduce Partial first, e.g. with "
+                ".redistribute() or .full_tensor())"
+            )
+    mesh = t.device_mesh.mesh
+    layout = Layout(tuple(mesh.shape), tuple(int(r) for r in mesh.flatten().tolist()), tuple(t.placements))
+    boxes = rank_boxes(tuple(t.shape), layout)
+    check_tiling(name, tuple(t.shape), layout, boxes)
+    own = boxes.get(torch.distributed.get_rank())
+    local = t.to_local()
+    if own is None or tuple(local.shape) != own[1]:
+        raise ValueError(
+            f"tensor {name!r}: the local piece has shape {list(local.shape)} but its "
+            f"{layout.describe()} gives {own and list(own[1])}; this layout is not supported"
+        )
+    return layout
+
+
+def _whole_value_placements() -> tuple[type, ...]:
+    """Placements whose pieces hold plain values (Partial ones hold addends)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    out: tuple[type, ...] = (Shard, Replicate)
+    try:  # FSDP2 on top of tensor parallel shards the same dim "right to left"
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        out += (_StridedShard,)
+    except ImportError:
+        pass
+    return out
+
+
+def rank_boxes(shape: tuple[int, ...], *layouts: Layout) -> dict[int, Box]:
+    """Global rank -> the box it holds (empty boxes included), over one or more layouts."""
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    out: dict[int, Box] = {}
+    for layout in layouts:
+        coords = product(*(range(n) for n in layout.mesh_shape))
+        for rank, coord in zip(layout.mesh_ranks, coords):
+            local_shape, offset = _compute_local_shape_and_global_offset(
+                shape, layout.mesh_shape, list(coord), list(layout.placements)
+            )
+            out[rank] = (tuple(int(o) for o in offset), tuple(int(s) for s in local_shape))
+    return out
+
+
+def check_tiling(name: str, shape: tuple[int, ...], layout: Layout, boxes: dict[int, Box]) -> None:
+    """The distinct non-empty boxes must form a grid that covers the tensor exactly once.
+
+    DTensor's Shard/Replicate layouts always do; a layout whose local pieces are not boxes
+    (e.g. a strided shard that interleaves rows) does not, and would be saved wrong.
+    """
+    distinct = {b for b in boxes.values() if all(s > 0 for s in b[1])}
+    if not distinct:
+        return
+    cells = 1
+    ok = True
+    for d, n in enumerate(shape):
+        intervals = sorted({(b[0][d], b[0][d] + b[1][d]) for b in distinct})
+        pos = 0
+        for lo, hi in intervals:
+            ok &= lo == pos
+            pos = hi
+        ok &= pos == n
+        cells *= len(intervals)
+    if not ok or cells != len(distinct):
+        raise ValueError(
+            f"tensor {name!r} with {layout.describe()}: the local pieces are not boxes that tile "
+            "the tensor, so it cannot be assembled; this layout is not supported"
+        )

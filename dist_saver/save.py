@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from . import format as fmt
 from .comm import Comm, raise_if_failed, describe_error
 from .commit import prepare_directory, publish_index, remove_stale
+from .exchange import DEFAULT_BUCKET_BYTES, Exchanger, make_schedule
 from .plan import Plan, make_plan, merge_metadata
 from .state import collect
 from .writer import StagingBuffer, WrittenFile, tensor_chunks, write_file
@@ -45,17 +46,22 @@ def dist_save(
     *,
     max_shard_size: int | str | None = None,
     process_group=None,
+    bucket_size: int | str = DEFAULT_BUCKET_BYTES,
 ) -> SaveResult:
     """Save on every rank of the group into one Hugging Face safetensors checkpoint at path.
 
     Collective: every rank calls it with its own model or state dict. Each tensor is written
     once, by one owner rank (balanced by bytes); rank 0 publishes model.safetensors.index.json
     last, so its presence means the checkpoint is complete.
+
+    Sharded tensors (DTensor: FSDP2, tensor parallel, 2-D) are assembled on their owner from the
+    pieces the other ranks hold, bucket_size bytes (per owner, per round) at a time.
     """
     t0 = time.perf_counter()
     path = os.fspath(path)
     comm = Comm(process_group)
     max_bytes = fmt.parse_size(max_shard_size)
+    bucket_bytes = fmt.parse_size(bucket_size)
 
     # 1. Describe local tensors; every rank learns every rank's description (or error).
     local, error = None, None
@@ -71,6 +77,15 @@ def dist_save(
         [(ranks, value[0]) for ranks, value in groups], comm.world_size, [value[1] for _, value in groups]
     )
     plan = make_plan(infos, comm.world_size, max_bytes, aliases)
+    # A tensor replicated over several meshes (e.g. not tensor-parallel under 2-D) has one
+    # layout per replica group: every one of them can supply pieces.
+    layouts: dict[str, tuple] = {}
+    for _, (metas, _) in groups:
+        for m in metas:
+            if m.layout is not None and m.layout not in layouts.get(m.name, ()):
+                layouts[m.name] = layouts.get(m.name, ()) + (m.layout,)
+    shapes = {i.name: i.shape for i in infos}
+    sched = make_schedule(plan, shapes, layouts, comm.group_rank, bucket_bytes)
 
     # 3. Rank 0 readies the directory; nobody writes until it has.
     old_files: list[str] = []
@@ -85,20 +100,25 @@ def dist_save(
     # 4. Every rank streams its own files.
     written: list[WrittenFile] = []
     error = None
+    exchanger = None
     try:
-        os.makedirs(path, exist_ok=True)
         staging = StagingBuffer()
+        exchanger = Exchanger(sched, comm, local.tensors, shapes, layouts, {i.name: i.dtype for i in infos},
+                              bucket_bytes, comm.device)
+
+        def chunks_of(name):
+            if name in sched.chunks:
+                return exchanger.chunks_of(name)
+            return tensor_chunks(local.tensors[name], staging) if name in local.tensors else iter(())
+
+        os.makedirs(path, exist_ok=True)
         for fplan in plan.files_of(comm.rank):
-            written.append(
-                write_file(
-                    os.path.join(path, fplan.name),
-                    fplan,
-                    lambda name: tensor_chunks(local.tensors[name], staging),
-                    comm.rank,
-                )
-            )
+            written.append(write_file(os.path.join(path, fplan.name), fplan, chunks_of, comm.rank))
     except Exception as e:
         error = e
+    finally:
+        if exchanger is not None:
+            exchanger.finish()  # the other owners may still need this rank's pieces
     reports = comm.all_gather_object((written, describe_error(error)))
     raise_if_failed([r[1] for r in reports], f"writing {path}")
     all_written = [w for r in reports for w in r[0]]
