@@ -14,6 +14,7 @@ from safetensors import safe_open
 from . import format as fmt
 from .comm import Comm
 from .errors import CheckpointError
+from .layout import layout_of
 from .state import alias_key, as_state_dict
 
 log = logging.getLogger("dist_saver")
@@ -138,20 +139,40 @@ def _load_into(targets, path: str, strict: bool, result: LoadResult) -> None:
                 f"{'...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
                 f"{'...' if len(unexpected) > 10 else ''} (pass strict=False to load the overlap)"
             )
-    for file, stored_names in _by_file(index, jobs).items():
+    # What this rank reads of each stored tensor: all of it, or its shard's box.
+    reads: dict[str, list[tuple[str, torch.Tensor, tuple | None]]] = {}
+    for stored, items in jobs.items():
+        for name, target in items:
+            box = _own_box(name, target)
+            if box is None or all(s > 0 for s in box[1]):
+                reads.setdefault(stored, []).append((name, target, box))
+    for file, stored_names in _by_file(index, reads).items():
         result.files_opened.append(file)
         with _open(index, file) as f:
             for stored in stored_names:
                 src = f.get_slice(stored)
                 shape, dtype = tuple(src.get_shape()), fmt.torch_dtype(src.get_dtype())
-                for name, target in jobs[stored]:
+                for name, target, box in reads[stored]:
                     if tuple(target.shape) != shape or target.dtype != dtype:
                         raise CheckpointError(
                             f"tensor {name!r}: the model has {target.dtype}{list(target.shape)} but file "
                             f"{file} has {dtype}{list(shape)} (stored as {stored!r})"
                         )
-                data = f.get_tensor(stored)
-                for _, target in jobs[stored]:
+                    local = target.to_local() if box is not None else target
+                    if box is None or box[1] == shape:
+                        data = f.get_tensor(stored)
+                    else:  # only the byte ranges of this rank's shard
+                        data = src[tuple(slice(o, o + n) for o, n in zip(*box))]
                     with torch.no_grad():
-                        target.copy_(data)
-                result.bytes_read += data.numel() * data.element_size()
+                        local.copy_(data)
+                    result.bytes_read += data.numel() * data.element_size()
+
+
+def _own_box(name: str, target: torch.Tensor):
+    """None for a plain tensor; for a DTensor, the (offset, shape) box this rank holds."""
+    if layout_of(name, target) is None:  # also rejects layouts that cannot be loaded
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+    return tuple(offset), tuple(shape)

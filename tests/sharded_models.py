@@ -1,0 +1,76 @@
+"""Build the same Llama-shaped model unsharded, FSDP2-, TP- or 2-D-sharded (gloo, CPU)."""
+
+from __future__ import annotations
+
+import torch
+
+from dist_saver.synthetic import TinyLlama
+
+# Uneven on purpose: 70 and 50 rows do not divide by 4, 100 does not divide by 3.
+DIMS = dict(vocab=50, hidden=100, kv=36, intermediate=70, layers=3)
+
+
+def reference_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    return TinyLlama(**DIMS, seed=seed).state_dict()
+
+
+def tp_plan(layers: int) -> dict:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {}
+    for i in range(layers):
+        for n in ("q_proj", "k_proj", "v_proj"):
+            plan[f"model.layers.{i}.self_attn.{n}"] = ColwiseParallel()  # weight Shard(0)
+        plan[f"model.layers.{i}.self_attn.o_proj"] = RowwiseParallel()  # weight Shard(1)
+        for n in ("gate_proj", "up_proj"):
+            plan[f"model.layers.{i}.mlp.{n}"] = ColwiseParallel()
+        plan[f"model.layers.{i}.mlp.down_proj"] = RowwiseParallel()
+    return plan
+
+
+def build(layout: str, world: int, seed: int = 0) -> torch.nn.Module:
+    """layout: none | fsdp | tp | 2d (2-D needs world 4: dp=2 x tp=2)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    model = TinyLlama(**DIMS, seed=seed)
+    if layout == "none":
+        return model
+    if layout == "fsdp":
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    elif layout == "tp":
+        mesh = init_device_mesh("cpu", (world,))
+        parallelize_module(model, mesh, tp_plan(DIMS["layers"]))
+    elif layout == "2d":
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], tp_plan(DIMS["layers"]))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+    else:
+        raise ValueError(layout)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Gathered copy, for checking only."""
+    out = {}
+    for k, v in model.state_dict().items():
+        out[k] = v.full_tensor() if hasattr(v, "full_tensor") else v
+    return out
+
+
+def local_bytes(model: torch.nn.Module) -> int:
+    """Bytes of this rank's pieces, each shared memory counted once."""
+    seen, total = set(), 0
+    for v in model.state_dict().values():
+        local = v.to_local() if hasattr(v, "to_local") else v
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape))
+        if key not in seen:
+            seen.add(key)
+            total += local.numel() * local.element_size()
+    return total
