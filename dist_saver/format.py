@@ -10,7 +10,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
 
 import torch
 
@@ -63,8 +63,11 @@ def torch_dtype(code: str) -> torch.dtype:
         raise CheckpointError(f"unknown safetensors dtype {code!r}") from None
 
 
+_ITEMSIZE = {code: dt.itemsize for code, dt in _CODE_TO_DTYPE.items()}
+
+
 def itemsize(code: str) -> int:
-    return _CODE_TO_DTYPE[code].itemsize
+    return _ITEMSIZE[code]
 
 
 def shard_file_name(number: int, total: int) -> str:
@@ -98,8 +101,7 @@ def parse_size(size: int | str | None) -> int | None:
     return value
 
 
-@dataclass(frozen=True)
-class HeaderEntry:
+class HeaderEntry(NamedTuple):  # a NamedTuple: plans build tens of thousands of these
     name: str
     dtype: str
     shape: tuple[int, ...]

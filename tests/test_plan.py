@@ -67,10 +67,10 @@ def test_balance_bound_and_contiguity_llama(world):
 
 def test_balance_at_1024_ranks_50k_tensors_is_fast_and_bounded():
     infos = synthetic_infos(50_000)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     plan = make_plan(infos, 1024, max_shard_size=5 * 10**6)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 1.0, f"planning took {elapsed:.2f}s"
+    elapsed = time.process_time() - t0
+    assert elapsed < 0.5, f"planning took {elapsed:.2f}s of CPU"
     check_plan_invariants(plan, infos)
     total = sum(i.nbytes for i in infos)
     largest = max(i.nbytes for i in infos)
@@ -81,10 +81,10 @@ def test_balance_at_1024_ranks_50k_tensors_is_fast_and_bounded():
 
 def test_merge_1024_identical_ranks_is_fast():
     metas = [TensorMeta(i.name, i.dtype, i.shape) for i in synthetic_infos(50_000)]
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     infos, aliases = merge_metadata([(range(1024), metas)], 1024)
     plan = make_plan(infos, 1024)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.process_time() - t0 < 0.5
     assert all(i.holders is None for i in infos) and len(plan.owners()) == 50_000
 
 
