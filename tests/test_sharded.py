@@ -2,14 +2,13 @@
 
 import os
 import re
-import threading
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from dist_saver import SaveError, dist_load, dist_save, load_state_dict
+from dist_saver.memory import PeakRSS
 
 from .dist_utils import run_ranks
 from .helpers import assert_bitwise_equal, check_checkpoint_files
@@ -100,7 +99,6 @@ def test_cold_load_reads_about_its_shard_from_disk(tmp_path):
 
 
 def _memory(rank, world, path, bucket):
-    import psutil
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -114,23 +112,10 @@ def _memory(rank, world, path, bucket):
         for p in model.parameters():
             p.to_local().normal_()
     share = local_bytes(model)
-    proc = psutil.Process()
-    peak = [0]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.0005)
-
     dist_save(model, path + "_warmup", bucket_size=bucket)  # first use of gloo/threads settles RSS
-    base = proc.memory_info().rss
-    t = threading.Thread(target=sample)
-    t.start()
-    dist_save(model, path, bucket_size=bucket)
-    stop.set()
-    t.join()
-    return share, peak[0] - base
+    with PeakRSS() as mem:
+        dist_save(model, path, bucket_size=bucket)
+    return share, mem.extra
 
 
 def test_save_memory_stays_within_the_bucket_budget(tmp_path):
