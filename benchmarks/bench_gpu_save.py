@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
-    model = TinyLlama(**llama_config_for_bytes(int(args.size_gb * 1e9))).cuda()
+    with torch.device("cuda"):  # initialise on the GPU: no host copy of the model
+        model = TinyLlama(**llama_config_for_bytes(int(args.size_gb * 1e9)))
     sd = model.state_dict()
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
