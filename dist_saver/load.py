@@ -1,4 +1,4 @@
-"""Loading: each rank opens only the files holding its tensors and reads them through mmaps."""
+"""Loading: each rank opens only the files holding its tensors and reads only its byte ranges."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
-from safetensors import safe_open
 
 from . import format as fmt
 from .comm import Comm
 from .errors import CheckpointError
 from .layout import layout_of
+from .reader import ShardFile
 from .state import alias_key, as_state_dict
+from .writer import StagingBuffer
 
 log = logging.getLogger("dist_saver")
 
@@ -37,8 +38,18 @@ def _resolve(index: fmt.CheckpointIndex, name: str) -> str | None:
     return target if target in index.weight_map else None
 
 
-def _file_path(index: fmt.CheckpointIndex, stored: str) -> str:
-    return os.path.join(index.directory, index.weight_map[stored])
+def _by_file(index: fmt.CheckpointIndex, stored: Iterable[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for s in sorted(stored):
+        out.setdefault(index.weight_map[s], []).append(s)
+    return out
+
+
+def open_shard(index: fmt.CheckpointIndex, file: str) -> ShardFile:
+    path = os.path.join(index.directory, file)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: shard file missing")
+    return ShardFile(path)
 
 
 def load_state_dict(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -56,28 +67,12 @@ def load_state_dict(path: str | os.PathLike, names: Iterable[str] | None = None)
         stored_of[name] = stored
     loaded: dict[str, torch.Tensor] = {}
     for file, stored_names in _by_file(index, set(stored_of.values())).items():
-        with _open(index, file) as f:
+        with open_shard(index, file) as f:
             for stored in stored_names:
-                # clone: the tensor outlives the mmap and the file may be replaced later
-                loaded[stored] = f.get_tensor(stored).clone()
+                dtype, shape, _ = f.info(stored)
+                loaded[stored] = torch.empty(shape, dtype=dtype)
+                f.read_into(stored, loaded[stored])
     return {name: loaded[stored] for name, stored in stored_of.items()}
-
-
-def _by_file(index: fmt.CheckpointIndex, stored: Iterable[str]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for s in sorted(stored):
-        out.setdefault(index.weight_map[s], []).append(s)
-    return out
-
-
-def _open(index: fmt.CheckpointIndex, file: str):
-    path = os.path.join(index.directory, file)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: shard file missing")
-    try:
-        return safe_open(path, framework="pt", device="cpu")
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot open as safetensors: {e}") from None
 
 
 def dist_load(
@@ -89,9 +84,10 @@ def dist_load(
 ) -> LoadResult:
     """Fill the model's (or state dict's) tensors in place from the checkpoint at path.
 
-    Each rank opens only the files holding its own tensors. With strict, names the checkpoint
-    lacks or has in excess raise CheckpointError; shape or dtype mismatches always do. If a
-    process group is initialised, an error on any rank is raised on every rank.
+    Each rank opens only the files holding its own tensors and, for DTensor targets (FSDP2, TP,
+    2-D), reads only its shard's byte ranges. With strict, names the checkpoint lacks or has in
+    excess raise CheckpointError; shape or dtype mismatches always do. If a process group is
+    initialised, an error on any rank is raised on every rank.
     """
     t0 = time.perf_counter()
     path = os.fspath(path)
@@ -121,15 +117,19 @@ def _load_into(targets, path: str, strict: bool, result: LoadResult) -> None:
             raise TypeError(f"target entry {name!r} is a {type(t).__name__}, not a tensor")
         key = alias_key(t)
         groups.setdefault(key if key is not None else ("name", name), []).append(name)
-    jobs: dict[str, list[tuple[str, torch.Tensor]]] = {}  # stored name -> [(target name, tensor)]
+    # stored name -> [(target name, tensor to fill, box of the global tensor or None for all)]
+    reads: dict[str, list[tuple[str, torch.Tensor, tuple | None]]] = {}
     missing = []
     for names in groups.values():
         stored = next((s for s in map(lambda n: _resolve(index, n), names) if s is not None), None)
         if stored is None:
             missing.extend(names)
             continue
-        jobs.setdefault(stored, []).append((names[0], targets[names[0]]))
         result.loaded.extend(names)
+        target = targets[names[0]]
+        box = _own_box(names[0], target)
+        if box is None or all(s > 0 for s in box[1]):  # an empty shard needs no file
+            reads.setdefault(stored, []).append((names[0], target, box))
     if strict:
         expected = set(targets)
         unexpected = sorted(n for n in list(index.weight_map) + list(index.aliases) if n not in expected)
@@ -139,19 +139,12 @@ def _load_into(targets, path: str, strict: bool, result: LoadResult) -> None:
                 f"{'...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
                 f"{'...' if len(unexpected) > 10 else ''} (pass strict=False to load the overlap)"
             )
-    # What this rank reads of each stored tensor: all of it, or its shard's box.
-    reads: dict[str, list[tuple[str, torch.Tensor, tuple | None]]] = {}
-    for stored, items in jobs.items():
-        for name, target in items:
-            box = _own_box(name, target)
-            if box is None or all(s > 0 for s in box[1]):
-                reads.setdefault(stored, []).append((name, target, box))
+    staging = StagingBuffer()
     for file, stored_names in _by_file(index, reads).items():
         result.files_opened.append(file)
-        with _open(index, file) as f:
+        with open_shard(index, file) as f:
             for stored in stored_names:
-                src = f.get_slice(stored)
-                shape, dtype = tuple(src.get_shape()), fmt.torch_dtype(src.get_dtype())
+                dtype, shape, _ = f.info(stored)
                 for name, target, box in reads[stored]:
                     if tuple(target.shape) != shape or target.dtype != dtype:
                         raise CheckpointError(
@@ -159,13 +152,8 @@ def _load_into(targets, path: str, strict: bool, result: LoadResult) -> None:
                             f"{file} has {dtype}{list(shape)} (stored as {stored!r})"
                         )
                     local = target.to_local() if box is not None else target
-                    if box is None or box[1] == shape:
-                        data = f.get_tensor(stored)
-                    else:  # only the byte ranges of this rank's shard
-                        data = src[tuple(slice(o, o + n) for o, n in zip(*box))]
                     with torch.no_grad():
-                        local.copy_(data)
-                    result.bytes_read += data.numel() * data.element_size()
+                        result.bytes_read += f.read_into(stored, local.detach(), box, staging)
 
 
 def _own_box(name: str, target: torch.Tensor):

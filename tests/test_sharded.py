@@ -66,18 +66,22 @@ def _cold_read(rank, world, path):
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
-    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(8)])
+    model = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096, bias=False) for _ in range(2)])
     for m in model:
         fully_shard(m, mesh=mesh)
-    if rank == 0:  # drop the files from the page cache so reads hit the disk and get counted
-        for f in os.listdir(path):
-            fd = os.open(os.path.join(path, f), os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-    dist.barrier()
-    before = _read_bytes()
-    res = dist_load(model, path)
-    return _read_bytes() - before, res.bytes_read
+    alone = [dist.new_group([r]) for r in range(world)]  # so the loads can run one at a time
+    measured = None
+    for turn in range(world):  # one rank at a time, each from a cold page cache
+        if rank == turn:
+            for f in os.listdir(path):
+                fd = os.open(os.path.join(path, f), os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+            before = _read_bytes()
+            res = dist_load(model, path, process_group=alone[rank])
+            measured = _read_bytes() - before, res.bytes_read
+        dist.barrier()
+    return measured
 
 
 def _read_bytes() -> int:
@@ -88,14 +92,15 @@ def _read_bytes() -> int:
 def test_cold_load_reads_about_its_shard_from_disk(tmp_path):
     path = str(tmp_path / "ck")
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(8)])
-    dist_save(model, path)  # 32 MiB in one file
-    total = 8 * 1024 * 1024 * 4
+    # few large tensors: kernel readahead (up to a few MiB per read stream) stays small beside them
+    model = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096, bias=False) for _ in range(2)])
+    dist_save(model, path)  # 128 MiB in one file
+    total = 2 * 4096 * 4096 * 4
     outs = run_ranks(_cold_read, 4, path)
     for disk, counted in outs:
         assert counted == total // 4
-        # kernel readahead adds some, but far from the whole model
-        assert disk <= 0.6 * total, f"read {disk} bytes from disk for a {counted}-byte shard"
+        # kernel readahead adds some, but far from the whole model (a shard is 0.25 of it)
+        assert disk <= 0.45 * total, f"read {disk} bytes from disk for a {counted}-byte shard"
 
 
 def _memory(rank, world, path, bucket):

@@ -1,0 +1,144 @@
+"""Reads boxes of tensors out of safetensors files with positioned reads, straight into the target.
+
+Why not safetensors' own mmap + get_slice: on a cold cache its page faults pull in whole tensors
+and more (kernel readahead; measured here: 56-64 MiB read from disk for a 16 MiB quarter of a
+64 MiB tensor), so a rank loading 1/N of a model read most of it. With POSIX_FADV_RANDOM and one
+pread per contiguous run, the disk sees the shard's bytes (16.0 MiB for that quarter), and a
+contiguous CPU target is filled without an intermediate copy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Sequence
+
+import torch
+
+from . import format as fmt
+from .errors import CheckpointError
+from .writer import StagingBuffer, as_bytes
+
+
+class ShardFile:
+    """One open safetensors file: its validated header and positioned reads into tensors."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.header, self.data_start = fmt.read_header(path)
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+        if hasattr(os, "posix_fadvise"):  # no readahead: read the ranges asked for, no more
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self.bytes_read = 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> "ShardFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def names(self) -> list[str]:
+        return [k for k in self.header if k != "__metadata__"]
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...], int]:
+        """(dtype, shape, absolute file offset) of a tensor, checked against the file."""
+        entry = self.header.get(name)
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{self.path}: no tensor {name!r} in this file")
+        try:
+            dtype = fmt.torch_dtype(entry["dtype"])
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: bad header entry for {name!r}: {e!r}") from None
+        n = dtype.itemsize
+        for s in shape:
+            n *= s
+        if begin < 0 or end - begin != n or self.data_start + end > self.size or any(s < 0 for s in shape):
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} ({entry['dtype']}{list(shape)}, {n} bytes) has data "
+                f"offsets [{begin}, {end}] that do not fit it or the file ({self.size} bytes)"
+            )
+        return dtype, shape, self.data_start + begin
+
+    def read_into(self, name: str, out: torch.Tensor, box: tuple | None = None,
+                  staging: StagingBuffer | None = None) -> int:
+        """Fill `out` with the box (offset, shape) of tensor `name` (default: all of it).
+
+        out may live anywhere (CPU, CUDA, non-contiguous): blocks of rows that cannot be read
+        into it directly go through the staging buffer. Returns the bytes read.
+        """
+        dtype, shape, start = self.info(name)
+        offset, bshape = box if box is not None else ((0,) * len(shape), shape)
+        if out.dtype != dtype or tuple(out.shape) != tuple(bshape):
+            raise CheckpointError(
+                f"{self.path}: cannot read {name!r} box {list(bshape)} {dtype} into {out.dtype}{list(out.shape)}"
+            )
+        if out.numel() == 0:
+            return 0
+        return self._read_box(out, start, tuple(offset), tuple(bshape), shape, dtype,
+                              staging or StagingBuffer())
+
+    def _read_box(self, dst, start, off, bshape, shape, dtype, staging) -> int:
+        nbytes = dtype.itemsize
+        for s in bshape:
+            nbytes *= s
+        if (dst.device.type == "cpu" and dst.is_contiguous()) or nbytes <= staging.nbytes:
+            return self._read_rows(dst, start, off, bshape, shape, dtype, staging)
+        # Too big for the staging buffer: split along the first dim that can be split.
+        d = next(i for i, s in enumerate(bshape) if s > 1)
+        per = max(1, staging.nbytes // (nbytes // bshape[d]))
+        n = 0
+        for lo in range(0, bshape[d], per):
+            k = min(per, bshape[d] - lo)
+            sub_off = off[:d] + (off[d] + lo,) + off[d + 1 :]
+            sub_shape = bshape[:d] + (k,) + bshape[d + 1 :]
+            n += self._read_box(dst.narrow(d, lo, k), start, sub_off, sub_shape, shape, dtype, staging)
+        return n
+
+    def _read_rows(self, dst, start, off, bshape, shape, dtype, staging) -> int:
+        direct = dst.device.type == "cpu" and dst.is_contiguous()
+        if direct:
+            target = dst
+        else:
+            buf = staging.get(pinned=dst.device.type == "cuda")
+            nbytes = dtype.itemsize * max(1, dst.numel())
+            target = buf[:nbytes].view(dtype).view(dst.shape)
+        view = as_bytes(target)
+        pos = 0
+        for file_offset, length in _runs(shape, off, bshape, dtype.itemsize):
+            got = os.preadv(self.fd, [view[pos : pos + length]], start + file_offset)
+            if got != length:
+                raise CheckpointError(f"{self.path}: file is truncated (short read at byte {start + file_offset})")
+            pos += length
+        if not direct:
+            dst.copy_(target)
+        self.bytes_read += pos
+        return pos
+
+
+def _runs(shape: Sequence[int], offset: Sequence[int], bshape: Sequence[int], item: int):
+    """(byte offset in the tensor, length) of each contiguous run of the box, in row-major order."""
+    if not shape:
+        yield 0, item
+        return
+    # Trailing dims the box covers fully merge into each run, with the first partial dim before them.
+    k = len(shape) - 1
+    while k > 0 and offset[k] == 0 and bshape[k] == shape[k]:
+        k -= 1
+    inner = item
+    for s in shape[k + 1 :]:
+        inner *= s
+    strides = [0] * len(shape)
+    acc = item
+    for d in range(len(shape) - 1, -1, -1):
+        strides[d] = acc
+        acc *= shape[d]
+    length = bshape[k] * inner
+    base = offset[k] * inner
+    for idx in itertools.product(*(range(o, o + s) for o, s in zip(offset[:k], bshape[:k]))):
+        yield base + sum(i * st for i, st in zip(idx, strides)), length
