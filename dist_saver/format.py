@@ -120,20 +120,29 @@ def encode_header(entries: Iterable[HeaderEntry], metadata: Mapping[str, str] | 
     return struct.pack("<Q", len(body)) + body
 
 
-def read_header(path: str) -> tuple[dict, int]:
-    """(header dict, data start) of a safetensors file."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
+def read_header(path: str, fd: int | None = None) -> tuple[dict, int]:
+    """(header dict, data start) of a safetensors file; reads through fd if given."""
+    own = fd is None
+    if own:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        raw = os.pread(fd, 8, 0)
         if len(raw) != 8:
             raise CheckpointError(f"{path}: too short to be a safetensors file")
         (n,) = struct.unpack("<Q", raw)
-        size = os.fstat(f.fileno()).st_size
         if n > size - 8:
             raise CheckpointError(f"{path}: header length {n} exceeds file size {size}")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise CheckpointError(f"{path}: header is not valid JSON: {e}") from None
+        body = os.pread(fd, n, 8)
+    finally:
+        if own:
+            os.close(fd)
+    try:
+        header = json.loads(body)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
     return header, 8 + n
 
 

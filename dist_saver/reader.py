@@ -25,11 +25,15 @@ class ShardFile:
 
     def __init__(self, path: str):
         self.path = path
-        self.header, self.data_start = fmt.read_header(path)
         self.fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self.fd).st_size
-        if hasattr(os, "posix_fadvise"):  # no readahead: read the ranges asked for, no more
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        try:
+            if hasattr(os, "posix_fadvise"):  # no readahead: read the ranges asked for, no more
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+            self.size = os.fstat(self.fd).st_size
+            self.header, self.data_start = fmt.read_header(path, self.fd)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.bytes_read = 0
 
     def close(self) -> None:

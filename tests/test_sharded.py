@@ -99,8 +99,8 @@ def test_cold_load_reads_about_its_shard_from_disk(tmp_path):
     outs = run_ranks(_cold_read, 4, path)
     for disk, counted in outs:
         assert counted == total // 4
-        # kernel readahead adds some, but far from the whole model (a shard is 0.25 of it)
-        assert disk <= 0.45 * total, f"read {disk} bytes from disk for a {counted}-byte shard"
+        # what the disk delivered is the shard (plus the header's pages), not whole tensors
+        assert disk <= 1.05 * counted + (1 << 20), f"read {disk} bytes from disk for a {counted}-byte shard"
 
 
 def _memory(rank, world, path, bucket):
