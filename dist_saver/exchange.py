@@ -18,7 +18,7 @@ import torch
 from . import format as fmt
 from .layout import Box, Layout, rank_boxes
 from .plan import Plan
-from .writer import StagingBuffer, as_bytes, tensor_chunks
+from .buffers import StagingBuffer
 
 DEFAULT_BUCKET_BYTES = 128 << 20
 
@@ -207,29 +207,28 @@ class Exchanger:
             pos += p.nbytes
         self.done_rounds += 1
 
-    def chunks_of(self, name: str) -> Iterator[memoryview]:
-        """The owner's bytes of tensor `name`, chunk by chunk, running rounds as needed."""
+    def blocks_of(self, name: str) -> Iterator[tuple[torch.Tensor, bool]]:
+        """The owner's tensor `name`, chunk by chunk as (block, stable), running rounds as needed.
+
+        stable is False for blocks in buffers that the next round reuses.
+        """
         chunks = self.sched.chunks[name]
         dtype = fmt.torch_dtype(self.dtypes[name])
         for ci, c in enumerate(chunks):
             while self.done_rounds <= c.round:
                 self._run_round()
-            yield from self._assemble(name, ci, c, dtype)
-
-    def _assemble(self, name: str, ci: int, c: Chunk, dtype: torch.dtype) -> Iterator[memoryview]:
-        if len(c.pieces) == 1:  # the chunk is one piece: no assembly copy
-            (p,) = c.pieces
-            data = self._piece(name, ci, p)
-            yield from tensor_chunks(data, self._asm)
-            return
-        out = self._asm.get(pinned=False)[: c.nbytes].view(dtype)
-        view = out.view((c.rows[1] - c.rows[0],) + tuple(self.shapes[name][1:]))
-        for p in c.pieces:
-            index = (slice(p.offset[0] - c.rows[0], p.offset[0] - c.rows[0] + p.shape[0]),) + tuple(
-                slice(o, o + s) for o, s in zip(p.offset[1:], p.shape[1:])
-            )
-            view[index].copy_(self._piece(name, ci, p).view(p.shape))
-        yield as_bytes(out)
+            if len(c.pieces) == 1:  # the chunk is one piece: no assembly copy
+                p = c.pieces[0]
+                yield self._piece(name, ci, p), p.src == self.rank
+                continue
+            out = self._asm.get(pinned=False)[: c.nbytes].view(dtype)
+            view = out.view((c.rows[1] - c.rows[0],) + tuple(self.shapes[name][1:]))
+            for p in c.pieces:
+                index = (slice(p.offset[0] - c.rows[0], p.offset[0] - c.rows[0] + p.shape[0]),) + tuple(
+                    slice(o, o + s) for o, s in zip(p.offset[1:], p.shape[1:])
+                )
+                view[index].copy_(self._piece(name, ci, p).view(p.shape))
+            yield view, False
 
     def _piece(self, name: str, ci: int, p: Piece) -> torch.Tensor:
         if p.src == self.rank:

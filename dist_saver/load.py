@@ -16,7 +16,7 @@ from .errors import CheckpointError
 from .layout import layout_of
 from .reader import ShardFile
 from .state import alias_key, as_state_dict
-from .writer import StagingBuffer
+from .buffers import StagingBuffer
 
 log = logging.getLogger("dist_saver")
 

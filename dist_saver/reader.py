@@ -17,7 +17,7 @@ import torch
 
 from . import format as fmt
 from .errors import CheckpointError
-from .writer import StagingBuffer, as_bytes
+from .buffers import StagingBuffer, as_bytes
 
 
 class ShardFile:

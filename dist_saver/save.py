@@ -13,7 +13,7 @@ from .commit import prepare_directory, publish_index, remove_stale
 from .exchange import DEFAULT_BUCKET_BYTES, Exchanger, make_schedule
 from .plan import Plan, make_plan, merge_metadata
 from .state import collect
-from .writer import StagingBuffer, WrittenFile, tensor_chunks, write_file
+from .writer import Streamer, WrittenFile, write_file
 
 log = logging.getLogger("dist_saver")
 
@@ -100,25 +100,28 @@ def dist_save(
     # 4. Every rank streams its own files.
     written: list[WrittenFile] = []
     error = None
-    exchanger = None
+    exchanger = streamer = None
     try:
-        staging = StagingBuffer()
+        cuda = any(t.device.type == "cuda" for t in local.tensors.values())
+        streamer = Streamer(cuda=cuda)
         exchanger = Exchanger(sched, comm, local.tensors, shapes, layouts, {i.name: i.dtype for i in infos},
                               bucket_bytes, comm.device)
 
-        def chunks_of(name):
+        def blocks_of(name):
             if name in sched.chunks:
-                return exchanger.chunks_of(name)
-            return tensor_chunks(local.tensors[name], staging) if name in local.tensors else iter(())
+                return exchanger.blocks_of(name)
+            return [(local.tensors[name], True)] if name in local.tensors else []
 
         os.makedirs(path, exist_ok=True)
         for fplan in plan.files_of(comm.rank):
-            written.append(write_file(os.path.join(path, fplan.name), fplan, chunks_of, comm.rank))
+            written.append(write_file(streamer, os.path.join(path, fplan.name), fplan, blocks_of, comm.rank))
     except Exception as e:
         error = e
     finally:
         if exchanger is not None:
             exchanger.finish()  # the other owners may still need this rank's pieces
+        if streamer is not None:
+            streamer.close()
     reports = comm.all_gather_object((written, describe_error(error)))
     raise_if_failed([r[1] for r in reports], f"writing {path}")
     all_written = [w for r in reports for w in r[0]]

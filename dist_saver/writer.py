@@ -1,26 +1,30 @@
-"""Streams one planned file to disk: header first, then each tensor's bytes in plan order.
+"""Streams planned files to disk: header, then each tensor's bytes in plan order.
 
-CPU tensors that are contiguous are written from their own memory. Anything else (non-contiguous
-views, GPU tensors) goes through one reused staging buffer, a block at a time, so the extra memory
-is the buffer, never a tensor.
+Every byte goes through a small pool of aligned, reused buffers: the caller's thread copies tensor
+blocks in (from CPU memory, any strides, or from the GPU on a side stream), a writer thread writes
+full buffers out with O_DIRECT, so copying the next buffer overlaps writing the last. The file
+ends padded to a block and is truncated to its size. Filesystems that refuse O_DIRECT get the same
+path with ordinary writes. Extra memory: the pool, never a tensor.
 """
 
 from __future__ import annotations
 
-import ctypes
+import errno
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 
 from . import format as fmt
+from .buffers import ALIGN, BufferPool, as_bytes, shared_pool
 from .plan import FilePlan
 
-# os.write moves at most ~2 GiB per call; smaller pieces also keep the page cache flowing.
-_MAX_WRITE = 64 << 20
-DEFAULT_STAGING_BYTES = 64 << 20
+DEFAULT_BUFFER_BYTES = 16 << 20
+DEFAULT_BUFFER_COUNT = 4
 
 
 @dataclass
@@ -32,97 +36,220 @@ class WrittenFile:
     size: int  # bytes of the whole file
     tensors: dict[str, int] = field(default_factory=dict)  # name -> data bytes written
     seconds: float = 0.0
+    direct_io: bool = False
 
 
-class StagingBuffer:
-    """One byte buffer, allocated on first use and reused for every block of the save."""
-
-    def __init__(self, nbytes: int = DEFAULT_STAGING_BYTES):
-        self.nbytes = nbytes
-        self._buf: torch.Tensor | None = None
-        self._pinned = False
-
-    def get(self, pinned: bool) -> torch.Tensor:
-        if self._buf is None or (pinned and not self._pinned):
-            pin = pinned and torch.cuda.is_available()
-            self._buf = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
-            self._pinned = pin
-        return self._buf
+def _o_direct_supported() -> bool:
+    return hasattr(os, "O_DIRECT")
 
 
-def as_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy (the caller keeps t alive)."""
-    n = t.numel() * t.element_size()
-    if n == 0:
-        return memoryview(b"")
-    return memoryview((ctypes.c_uint8 * n).from_address(t.data_ptr())).cast("B")
+class _WriterThread:
+    """Writes (fd, offset, buffer, nbytes) jobs in order; returns buffers to the pool."""
+
+    def __init__(self, pool: BufferPool):
+        self.pool = pool
+        self.jobs: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="dist_saver-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                self.jobs.task_done()
+                return
+            fd, offset, buf, n, event = job
+            try:
+                if self.error is None:
+                    if event is not None:
+                        event.synchronize()  # the device-to-host copies into buf are done
+                    view = as_bytes(buf)[:n]
+                    while view:
+                        k = os.pwrite(fd, view, offset)
+                        view, offset = view[k:], offset + k
+            except BaseException as e:  # reported to the caller at its next put/close
+                self.error = e
+            finally:
+                self.pool.give(buf)
+                self.jobs.task_done()
+
+    def submit(self, fd, offset, buf, n, event) -> None:
+        self.jobs.put((fd, offset, buf, n, event))
+
+    def drain(self) -> None:
+        self.jobs.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
 
 
-def tensor_chunks(t: torch.Tensor, staging: StagingBuffer) -> Iterator[memoryview]:
-    """The bytes of t in row-major order, in pieces of at most the staging size."""
-    if t.numel() == 0:
-        return
-    if t.device.type == "cpu" and t.is_contiguous():
-        data = as_bytes(t)
-        for start in range(0, len(data), _MAX_WRITE):
-            yield data[start : start + _MAX_WRITE]
-        return
-    buf = staging.get(pinned=t.device.type == "cuda")
-    yield from _staged(t, buf)
+class Streamer:
+    """One per save and rank: the buffer pool, the writer thread and the CUDA side stream."""
+
+    def __init__(self, buffer_bytes: int = DEFAULT_BUFFER_BYTES, count: int = DEFAULT_BUFFER_COUNT,
+                 cuda: bool = False, direct_io: bool = True):
+        if buffer_bytes % ALIGN:
+            raise ValueError(f"buffer size must be a multiple of {ALIGN}")
+        self.pool = shared_pool(count, buffer_bytes, pinned=cuda)
+        self.writer = _WriterThread(self.pool)
+        self.stream = torch.cuda.Stream() if cuda and torch.cuda.is_available() else None
+        if self.stream is not None:  # copies must see what the training stream wrote
+            self.stream.wait_stream(torch.cuda.current_stream())
+        self.direct_io = direct_io and _o_direct_supported()
+
+    def close(self) -> None:
+        self.writer.stop()
+
+    def __enter__(self) -> "Streamer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self, path: str) -> "FileStream":
+        fd = -1
+        direct = False
+        if self.direct_io:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+                direct = True
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                self.direct_io = False  # e.g. tmpfs: remember, don't retry per file
+        if fd < 0:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        return FileStream(self, path, fd, direct)
 
 
-def _staged(t: torch.Tensor, buf: torch.Tensor) -> Iterator[memoryview]:
-    if t.dim() == 0:
-        t = t.reshape(1)
-    row_bytes = t[0].numel() * t.element_size() if t.shape[0] else 0
-    if row_bytes > buf.numel():
-        for row in t:  # one row is bigger than the buffer: split it further
-            yield from _staged(row, buf)
-        return
-    rows = max(1, buf.numel() // max(row_bytes, 1))
-    for start in range(0, t.shape[0], rows):
-        block = t[start : start + rows]
-        n = block.numel() * block.element_size()
-        # copy_ makes the block contiguous (and moves it off the GPU) inside the reused buffer
-        buf[:n].view(t.dtype).view(block.shape).copy_(block)
-        yield as_bytes(buf[:n])
+class FileStream:
+    """Sequential bytes into one file through the pool; put() copies, the writer thread writes."""
+
+    def __init__(self, streamer: Streamer, path: str, fd: int, direct: bool):
+        self.s, self.path, self.fd, self.direct = streamer, path, fd, direct
+        self.offset = 0  # file offset of the current buffer
+        self.buf: torch.Tensor | None = None
+        self.pos = 0  # bytes filled in the current buffer
+        self.pending_device_copy = False
+
+    def _space(self) -> int:
+        if self.buf is None:
+            if self.s.writer.error is not None:
+                raise self.s.writer.error
+            self.buf = self.s.pool.take()
+            self.pos = 0
+        return self.buf.numel() - self.pos
+
+    def _flush(self, n: int | None = None) -> None:
+        event = None
+        if self.pending_device_copy:
+            event = torch.cuda.Event()
+            event.record(self.s.stream)
+            self.pending_device_copy = False
+        self.s.writer.submit(self.fd, self.offset, self.buf, self.pos if n is None else n, event)
+        self.offset += self.buf.numel()
+        self.buf = None
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, stable: bool) -> None:
+        if src.device.type == "cuda" and self.s.stream is not None:
+            with torch.cuda.stream(self.s.stream):
+                dst.copy_(src, non_blocking=True)
+            if stable:
+                self.pending_device_copy = True
+            else:  # src is a reused buffer: the copy must finish before the caller reuses it
+                self.s.stream.synchronize()
+        else:
+            dst.copy_(src)
+
+    def put(self, t: torch.Tensor, stable: bool = True) -> int:
+        """Append t's bytes (row-major). stable: t stays unchanged until the file is closed."""
+        if t.numel() == 0:
+            return 0
+        n_total = t.numel() * t.element_size()
+        if t.is_contiguous():
+            flat = t.reshape(-1).view(torch.uint8)
+            i = 0
+            while i < n_total:
+                k = min(self._space(), n_total - i)
+                self._copy(self.buf[self.pos : self.pos + k], flat[i : i + k], stable)
+                self._advance(k)
+                i += k
+            return n_total
+        t = t if t.dim() else t.reshape(1)
+        row = t[0].numel() * t.element_size()
+        start = 0
+        while start < t.shape[0]:
+            fit = self._space() // row
+            if fit == 0:  # one row does not fit in what is left: split the row
+                self.put(t[start], stable)
+                start += 1
+                continue
+            block = t[start : start + fit]
+            k = block.numel() * block.element_size()
+            dst = self.buf[self.pos : self.pos + k].view(t.dtype).view(block.shape)
+            self._copy(dst, block, stable)  # copy_ makes the strided block contiguous in place
+            self._advance(k)
+            start += block.shape[0]
+        return n_total
+
+    def put_bytes(self, data: bytes) -> None:
+        self.put(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+    def _advance(self, k: int) -> None:
+        self.pos += k
+        if self.pos == self.buf.numel():
+            self._flush()
+
+    def close(self) -> int:
+        """Write what is left, make the file exactly its size and durable; return the size."""
+        try:
+            size = self.offset + (self.pos if self.buf is not None else 0)
+            if self.buf is not None:
+                padded = -(-self.pos // ALIGN) * ALIGN  # O_DIRECT writes whole blocks
+                self.buf[self.pos : padded].zero_()
+                self._flush(padded if self.direct else self.pos)
+            self.s.writer.drain()
+            if self.direct:
+                os.ftruncate(self.fd, size)
+            os.fsync(self.fd)
+            return size
+        finally:
+            os.close(self.fd)
 
 
 def write_file(
+    streamer: Streamer,
     path: str,
     plan: FilePlan,
-    chunks_of: Callable[[str], Iterable[memoryview]],
+    blocks_of: Callable[[str], Iterable[tuple[torch.Tensor, bool]]],
     rank: int,
 ) -> WrittenFile:
-    """Write plan's file at path; chunks_of(name) yields each tensor's bytes in order."""
+    """Write plan's file at path; blocks_of(name) yields (tensor block, stable) in byte order."""
     t0 = time.perf_counter()
     written: dict[str, int] = {}
-    header = fmt.encode_header(plan.tensors)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _write_all(fd, memoryview(header))
-        for entry in plan.tensors:
-            n = 0
-            for chunk in chunks_of(entry.name):
-                n += _write_all(fd, chunk)
-            written[entry.name] = n
-            if n != entry.end - entry.begin:
-                raise OSError(
-                    f"tensor {entry.name!r}: wrote {n} bytes but the plan has {entry.end - entry.begin} "
-                    f"(file {plan.name}, rank {rank})"
-                )
-        os.fsync(fd)
-        size = os.fstat(fd).st_size
+        f = streamer.open(path)
+    except OSError as e:
+        raise OSError(e.errno, f"opening {path} on rank {rank}: {e.strerror or e}") from e
+    try:
+        try:
+            f.put_bytes(fmt.encode_header(plan.tensors))
+            for entry in plan.tensors:
+                n = 0
+                for block, stable in blocks_of(entry.name):
+                    n += f.put(block, stable)
+                written[entry.name] = n
+                if n != entry.end - entry.begin:
+                    raise OSError(
+                        f"tensor {entry.name!r}: wrote {n} bytes but the plan has {entry.end - entry.begin} "
+                        f"(file {plan.name}, rank {rank})"
+                    )
+        finally:
+            size = f.close()
     except OSError as e:
         raise OSError(e.errno, f"writing {path} on rank {rank}: {e.strerror or e}") from e
-    finally:
-        os.close(fd)
-    return WrittenFile(plan.name, rank, size, written, time.perf_counter() - t0)
-
-
-def _write_all(fd: int, data: memoryview) -> int:
-    total = len(data)
-    while data:
-        n = os.write(fd, data)
-        data = data[n:]
-    return total
+    return WrittenFile(plan.name, rank, size, written, time.perf_counter() - t0, f.direct)

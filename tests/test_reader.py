@@ -9,7 +9,7 @@ import torch
 from dist_saver import CheckpointError, dist_save
 from dist_saver import format as fmt
 from dist_saver.reader import ShardFile
-from dist_saver.writer import StagingBuffer
+from dist_saver.buffers import StagingBuffer
 
 
 @pytest.fixture(scope="module")

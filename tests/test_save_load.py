@@ -1,5 +1,6 @@
 """Save and load in one process (world size 1, no process group)."""
 
+import errno
 import json
 import os
 
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 from dist_saver import CheckpointError, SaveError, dist_load, dist_save, load_state_dict
 from dist_saver import format as fmt
 from dist_saver.synthetic import TinyLlama
-from dist_saver.writer import StagingBuffer, tensor_chunks
+from dist_saver.writer import Streamer
 
 from .helpers import assert_bitwise_equal, check_checkpoint_files, mixed_state_dict
 
@@ -43,21 +44,50 @@ def test_module_roundtrip_keeps_ties(tmp_path):
     assert res.files_opened == ["model-00001-of-00001.safetensors"]
 
 
-def test_staged_chunks_cover_noncontiguous_tensors_with_a_tiny_buffer():
-    t = torch.arange(6 * 50, dtype=torch.float32).reshape(6, 50).t()[:, 1:5]  # rows of 16 bytes
-    for size in (8, 16, 40, 1 << 20):  # smaller than a row, a row, a few rows, everything
-        data = b"".join(bytes(c) for c in tensor_chunks(t, StagingBuffer(size)))
-        assert data == t.contiguous().numpy().tobytes()
-    contiguous = torch.arange(10, dtype=torch.int64)
-    chunks = list(tensor_chunks(contiguous, StagingBuffer(8)))
-    assert len(chunks) == 1 and bytes(chunks[0]) == contiguous.numpy().tobytes()
+def _stream_bytes(path, tensors, direct_io=True, buffer_bytes=4096):
+    with Streamer(buffer_bytes=buffer_bytes, count=2, direct_io=direct_io) as s:
+        f = s.open(str(path))
+        for t in tensors:
+            f.put(t)
+        size = f.close()
+    data = open(path, "rb").read()
+    assert len(data) == size
+    return data, f.direct
 
 
-def test_contiguous_cpu_tensors_are_written_from_their_own_memory():
-    t = torch.randn(1000)
-    (chunk,) = tensor_chunks(t, StagingBuffer(16))
-    t[0] = 123.0  # the chunk is a view: the write reads the tensor's memory, no copy
-    assert bytes(chunk[:4]) == torch.tensor([123.0]).numpy().tobytes()
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_stream_copies_any_strides_through_small_buffers(tmp_path, direct_io):
+    wide = torch.arange(3 * 2000, dtype=torch.float32).reshape(3, 2000)  # 8000-byte rows > a buffer
+    tensors = [
+        torch.arange(10, dtype=torch.int64),
+        wide.t()[:, 1:3],  # strided, rows of 8 bytes
+        wide[:, ::2],  # strided, rows of 4000 bytes
+        wide.t().contiguous().t(),  # strided rows larger than the buffer
+        torch.arange(5000, dtype=torch.int16)[::3],
+        torch.tensor(True),  # (larger item sizes first: offsets stay aligned, as in our files)
+    ]
+    data, direct = _stream_bytes(tmp_path / "f.bin", tensors, direct_io)
+    assert direct == direct_io
+    expected = b"".join(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors)
+    assert data == expected
+
+
+def test_filesystems_without_o_direct_fall_back_to_buffered_writes(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def refusing_open(path, flags, *args):  # what e.g. some network filesystems answer
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    sd = {"a": torch.arange(3000, dtype=torch.int32), "b": torch.ones(7, dtype=torch.bfloat16)}
+    result = dist_save(sd, tmp_path / "ck")
+    assert [f.direct_io for f in result.files] == [False]
+    monkeypatch.undo()
+    assert_bitwise_equal(load_state_dict(tmp_path / "ck"), sd)
+    result = dist_save(sd, tmp_path / "ck2")
+    assert [f.direct_io for f in result.files] == [hasattr(os, "O_DIRECT")]
 
 
 def test_header_is_aligned_and_readable_by_safetensors(tmp_path):
