@@ -12,7 +12,9 @@ from .comm import Comm, raise_if_failed, describe_error
 from .commit import prepare_directory, publish_index, remove_stale
 from .exchange import DEFAULT_BUCKET_BYTES, Exchanger, make_schedule
 from .plan import Plan, make_plan, merge_metadata
+from .snapshot import snapshot
 from .state import collect
+from .async_save import AsyncSave, async_group, wait_for_pending_save
 from .writer import Streamer, WrittenFile, write_file
 
 log = logging.getLogger("dist_saver")
@@ -47,7 +49,8 @@ def dist_save(
     max_shard_size: int | str | None = None,
     process_group=None,
     bucket_size: int | str = DEFAULT_BUCKET_BYTES,
-) -> SaveResult:
+    async_save: bool = False,
+):
     """Save on every rank of the group into one Hugging Face safetensors checkpoint at path.
 
     Collective: every rank calls it with its own model or state dict. Each tensor is written
@@ -56,20 +59,64 @@ def dist_save(
 
     Sharded tensors (DTensor: FSDP2, tensor parallel, 2-D) are assembled on their owner from the
     pieces the other ranks hold, bucket_size bytes (per owner, per round) at a time.
+
+    async_save: return an AsyncSave handle as soon as this rank's tensors are copied to host
+    memory; writing and the commit go on in a background thread, with their collectives on a
+    gloo group of their own. handle.wait() returns the SaveResult or raises any rank's error.
+    A later save (sync or async) first waits for a pending one.
     """
+    wait_for_pending_save()
     t0 = time.perf_counter()
     path = os.fspath(path)
     comm = Comm(process_group)
     max_bytes = fmt.parse_size(max_shard_size)
     bucket_bytes = fmt.parse_size(bucket_size)
 
-    # 1. Describe local tensors; every rank learns every rank's description (or error).
+    # 1. Describe local tensors (no communication yet; an error is shared in the first gather).
     local, error = None, None
     try:
         local = collect(model_or_state_dict)
-        payload = (local.metas, local.aliases)
-    except Exception as e:  # reported on every rank by the gather below
-        payload, error = None, e
+    except Exception as e:
+        error = e
+    if not async_save:
+        prep = _prepare(local, error, comm, max_bytes, bucket_bytes)
+        return _write_and_commit(prep, path, comm, bucket_bytes, t0)
+    # Plan now (on the save's own gloo group), so the snapshot holds only what this rank writes
+    # or sends: under DDP that is 1/N of the model, not all of it.
+    comm = Comm(async_group(process_group))
+    prep = _prepare(local, error, comm, max_bytes, bucket_bytes)
+    error = None
+    try:
+        needed = prep.tensors_read_by(comm.rank)
+        prep.local.tensors = snapshot({n: t for n, t in prep.local.tensors.items() if n in needed})
+    except Exception as e:  # e.g. out of host memory
+        error = e
+    comm.agree(error, "snapshotting tensors for an async save")
+    return AsyncSave.start(_write_and_commit, (prep, path, comm, bucket_bytes, t0), time.perf_counter() - t0)
+
+
+@dataclass
+class _Prepared:
+    """Everything a rank needs to write its files, the same plan on every rank."""
+
+    local: object  # LocalState
+    infos: list
+    plan: Plan
+    layouts: dict
+    sched: object  # exchange.Schedule
+
+    def tensors_read_by(self, rank: int) -> set[str]:
+        """The local tensors this rank writes itself or sends pieces of."""
+        names = {t.name for f in self.plan.files_of(rank) for t in f.tensors if t.name not in self.sched.chunks}
+        for name, chunks in self.sched.chunks.items():
+            if any(p.src == rank for c in chunks for p in c.pieces):
+                names.add(name)
+        return names
+
+
+def _prepare(local, error, comm, max_bytes, bucket_bytes) -> _Prepared:
+    """Steps 1b-2: share the descriptions, then plan and schedule (the same on every rank)."""
+    payload = (local.metas, local.aliases) if local is not None else None
     groups = comm.gather_deduplicated(payload, error, "describing the state dict")
 
     # 2. The same plan everywhere (pure; a mismatch raises the same PlanError on every rank).
@@ -86,6 +133,14 @@ def dist_save(
                 layouts[m.name] = layouts.get(m.name, ()) + (m.layout,)
     shapes = {i.name: i.shape for i in infos}
     sched = make_schedule(plan, shapes, layouts, comm.group_rank, bucket_bytes)
+    return _Prepared(local, infos, plan, layouts, sched)
+
+
+def _write_and_commit(prep: _Prepared, path: str, comm: Comm, bucket_bytes: int, t0: float) -> SaveResult:
+    """Steps 3-5: ready the directory, stream this rank's files, publish the index."""
+    local, plan, sched, layouts = prep.local, prep.plan, prep.sched, prep.layouts
+    shapes = {i.name: i.shape for i in prep.infos}
+    dtypes = {i.name: i.dtype for i in prep.infos}
 
     # 3. Rank 0 readies the directory; nobody writes until it has.
     old_files: list[str] = []
@@ -104,8 +159,7 @@ def dist_save(
     try:
         cuda = any(t.device.type == "cuda" for t in local.tensors.values())
         streamer = Streamer(cuda=cuda)
-        exchanger = Exchanger(sched, comm, local.tensors, shapes, layouts, {i.name: i.dtype for i in infos},
-                              bucket_bytes, comm.device)
+        exchanger = Exchanger(sched, comm, local.tensors, shapes, layouts, dtypes, bucket_bytes, comm.device)
 
         def blocks_of(name):
             if name in sched.chunks:
