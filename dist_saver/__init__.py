@@ -4,11 +4,13 @@ layout, and load them back per rank."""
 from .errors import CheckpointError, DistSaverError, PlanError, SaveError
 from .load import LoadResult, dist_load, load_state_dict
 from .save import SaveResult, dist_save
+from .verify import verify
 
 __all__ = [
     "dist_save",
     "dist_load",
     "load_state_dict",
+    "verify",
     "SaveResult",
     "LoadResult",
     "DistSaverError",

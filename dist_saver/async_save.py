@@ -1,4 +1,4 @@
-"""Async saves: the handle, the one-at-a-time rule, and the gloo group their collectives use."""
+"""Async saves: the handle and the one-at-a-time rule."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ import logging
 import threading
 import time
 
-import torch.distributed as dist
 
 log = logging.getLogger("dist_saver")
 
 _pending: "AsyncSave | None" = None
-_groups: dict = {}
 
 
 class AsyncSave:
@@ -62,15 +60,3 @@ def wait_for_pending_save() -> None:
     handle._done.wait()
     if handle._error is not None:  # its owner sees it from wait(); don't lose it if they never ask
         log.error("a previous async save failed: %s", handle._error)
-
-
-def async_group(process_group=None):
-    """A gloo group with the same ranks, made once: background collectives never interleave
-    with the training's own on the caller's group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    key = process_group if process_group is not None else "world"
-    if key not in _groups:
-        ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
-        _groups[key] = dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
-    return _groups[key]

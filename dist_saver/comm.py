@@ -5,6 +5,7 @@ Without an initialised process group everything works as a group of one.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import pickle
 import traceback
@@ -14,6 +15,27 @@ import torch
 import torch.distributed as dist
 
 from .errors import DistSaverError, SaveError
+
+
+_save_groups: dict = {}
+
+
+def save_group(process_group=None, timeout: float = 600.0):
+    """A gloo group with the same ranks and our own timeout, made once per (group, timeout).
+
+    Saves run their collectives here: a dead rank makes the others fail within `timeout`
+    instead of the default 30 minutes, and async saves never interleave with the training's
+    collectives on its own group. None when torch.distributed is not initialised.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    key = (process_group if process_group is not None else "world", float(timeout))
+    if key not in _save_groups:
+        ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
+        _save_groups[key] = dist.new_group(
+            ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout), use_local_synchronization=True
+        )
+    return _save_groups[key]
 
 
 class Comm:

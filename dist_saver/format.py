@@ -22,6 +22,9 @@ SINGLE_NAME = "model.safetensors"
 META_KEY = "dist_saver"
 FORMAT_VERSION = 1
 
+# As safetensors itself: a larger header is damage or an attack, not a model.
+MAX_HEADER_BYTES = 100_000_000
+
 # The tensor data starts at a multiple of this, so O_DIRECT writes of the data are aligned.
 # safetensors only needs 8; the header is padded with spaces, which every JSON parser skips.
 DATA_ALIGN = 4096
@@ -131,6 +134,8 @@ def read_header(path: str, fd: int | None = None) -> tuple[dict, int]:
         if len(raw) != 8:
             raise CheckpointError(f"{path}: too short to be a safetensors file")
         (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: header length {n} is absurd (limit {MAX_HEADER_BYTES})")
         if n > size - 8:
             raise CheckpointError(f"{path}: header length {n} exceeds file size {size}")
         body = os.pread(fd, n, 8)
@@ -199,6 +204,8 @@ def read_index(path: str) -> CheckpointIndex:
                 raise CheckpointError(f"{index_path}: not a valid index: {e!r}") from None
             ours = (doc.get("metadata") or {}).get(META_KEY)
             aliases = dict((ours or {}).get("aliases", {}))
+            for file in set(weight_map.values()):
+                safe_member(directory, file)
             return CheckpointIndex(directory, weight_map, aliases, ours)
         if os.path.isfile(os.path.join(path, SINGLE_NAME)):
             single = SINGLE_NAME
@@ -209,6 +216,22 @@ def read_index(path: str) -> CheckpointIndex:
     header, _ = read_header(os.path.join(directory, single))
     names = [k for k in header if k != "__metadata__"]
     return CheckpointIndex(directory, {n: single for n in names}, {}, None)
+
+
+def safe_member(directory: str, name: str) -> str:
+    """The path of file `name` inside directory; refuses names that lead anywhere else.
+
+    weight_map values come from a file we may not trust: '../x', absolute paths, nested paths
+    and symlinks that leave the directory are refused before anything is opened.
+    """
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or os.path.isabs(name) or "\0" in name):
+        raise CheckpointError(f"{directory}: the index names file {name!r}, which is not a plain file name")
+    full = os.path.join(directory, name)
+    real_dir = os.path.realpath(directory)
+    if os.path.dirname(os.path.realpath(full)) != real_dir:
+        raise CheckpointError(f"{full}: is a link that leads outside the checkpoint directory")
+    return full
 
 
 def looks_like_our_checkpoint(directory: str) -> bool:

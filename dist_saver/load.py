@@ -46,7 +46,7 @@ def _by_file(index: fmt.CheckpointIndex, stored: Iterable[str]) -> dict[str, lis
 
 
 def open_shard(index: fmt.CheckpointIndex, file: str) -> ShardFile:
-    path = os.path.join(index.directory, file)
+    path = fmt.safe_member(index.directory, file)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: shard file missing")
     return ShardFile(path)
@@ -81,13 +81,15 @@ def dist_load(
     *,
     strict: bool = True,
     process_group=None,
+    verify: bool = False,
 ) -> LoadResult:
     """Fill the model's (or state dict's) tensors in place from the checkpoint at path.
 
     Each rank opens only the files holding its own tensors and, for DTensor targets (FSDP2, TP,
     2-D), reads only its shard's byte ranges. With strict, names the checkpoint lacks or has in
     excess raise CheckpointError; shape or dtype mismatches always do. If a process group is
-    initialised, an error on any rank is raised on every rank.
+    initialised, an error on any rank is raised on every rank. verify=True first checks the
+    checksums of the files this rank reads.
     """
     t0 = time.perf_counter()
     path = os.fspath(path)
@@ -95,7 +97,7 @@ def dist_load(
     result = LoadResult(path)
     error = None
     try:
-        _load_into(as_state_dict(model_or_state_dict), path, strict, result)
+        _load_into(as_state_dict(model_or_state_dict), path, strict, result, verify)
     except Exception as e:
         error = e
     if comm.world_size > 1:
@@ -108,7 +110,7 @@ def dist_load(
     return result
 
 
-def _load_into(targets, path: str, strict: bool, result: LoadResult) -> None:
+def _load_into(targets, path: str, strict: bool, result: LoadResult, verify: bool = False) -> None:
     index = fmt.read_index(path)
     # Tied target tensors share memory: fill each memory once, from whichever name is stored.
     groups: dict = {}
@@ -140,7 +142,10 @@ def _load_into(targets, path: str, strict: bool, result: LoadResult) -> None:
                 f"{'...' if len(unexpected) > 10 else ''} (pass strict=False to load the overlap)"
             )
     staging = StagingBuffer()
-    for file, stored_names in _by_file(index, reads).items():
+    by_file = _by_file(index, reads)
+    if verify:
+        verify_files(path, by_file)
+    for file, stored_names in by_file.items():
         result.files_opened.append(file)
         with open_shard(index, file) as f:
             for stored in stored_names:

@@ -31,10 +31,25 @@ class ShardFile:
                 os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
             self.size = os.fstat(self.fd).st_size
             self.header, self.data_start = fmt.read_header(path, self.fd)
+            self._check_layout()
         except BaseException:
             os.close(self.fd)
             raise
         self.bytes_read = 0
+
+    def _check_layout(self) -> None:
+        """Every entry fits the file, and no two entries share bytes."""
+        spans = []
+        for name in self.names():
+            dtype, shape, start = self.info(name)
+            n = dtype.itemsize
+            for s in shape:
+                n *= s
+            spans.append((start, start + n, name))
+        spans.sort()
+        for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise CheckpointError(f"{self.path}: tensors {an!r} and {bn!r} overlap in the file")
 
     def close(self) -> None:
         os.close(self.fd)

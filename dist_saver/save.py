@@ -8,13 +8,13 @@ import time
 from dataclasses import dataclass, field
 
 from . import format as fmt
-from .comm import Comm, raise_if_failed, describe_error
-from .commit import prepare_directory, publish_index, remove_stale
+from .comm import Comm, describe_error, raise_if_failed, save_group
+from .commit import Target, write_index
 from .exchange import DEFAULT_BUCKET_BYTES, Exchanger, make_schedule
 from .plan import Plan, make_plan, merge_metadata
 from .snapshot import snapshot
 from .state import collect
-from .async_save import AsyncSave, async_group, wait_for_pending_save
+from .async_save import AsyncSave, wait_for_pending_save
 from .writer import Streamer, WrittenFile, write_file
 
 log = logging.getLogger("dist_saver")
@@ -50,6 +50,8 @@ def dist_save(
     process_group=None,
     bucket_size: int | str = DEFAULT_BUCKET_BYTES,
     async_save: bool = False,
+    overwrite: bool = False,
+    timeout: float = 600.0,
 ):
     """Save on every rank of the group into one Hugging Face safetensors checkpoint at path.
 
@@ -64,11 +66,17 @@ def dist_save(
     memory; writing and the commit go on in a background thread, with their collectives on a
     gloo group of their own. handle.wait() returns the SaveResult or raises any rank's error.
     A later save (sync or async) first waits for a pending one.
+
+    Atomic: files are written into a staging directory beside path and published by renaming
+    directories, so path holds the previous complete checkpoint or the new one, never a mix.
+    overwrite=True is needed to replace an existing checkpoint. timeout (seconds) bounds every
+    collective of the save (they run on a gloo group of their own): if a rank dies, the others
+    raise within it instead of hanging.
     """
     wait_for_pending_save()
     t0 = time.perf_counter()
     path = os.fspath(path)
-    comm = Comm(process_group)
+    comm = Comm(save_group(process_group, timeout))
     max_bytes = fmt.parse_size(max_shard_size)
     bucket_bytes = fmt.parse_size(bucket_size)
 
@@ -80,10 +88,10 @@ def dist_save(
         error = e
     if not async_save:
         prep = _prepare(local, error, comm, max_bytes, bucket_bytes)
-        return _write_and_commit(prep, path, comm, bucket_bytes, t0)
-    # Plan now (on the save's own gloo group), so the snapshot holds only what this rank writes
-    # or sends: under DDP that is 1/N of the model, not all of it.
-    comm = Comm(async_group(process_group))
+        return _write_and_commit(prep, path, comm, bucket_bytes, t0, overwrite)
+    # Plan now, so the snapshot holds only what this rank writes or sends: under DDP that is
+    # 1/N of the model, not all of it. The save's gloo group keeps its collectives apart from
+    # the training's.
     prep = _prepare(local, error, comm, max_bytes, bucket_bytes)
     error = None
     try:
@@ -92,7 +100,8 @@ def dist_save(
     except Exception as e:  # e.g. out of host memory
         error = e
     comm.agree(error, "snapshotting tensors for an async save")
-    return AsyncSave.start(_write_and_commit, (prep, path, comm, bucket_bytes, t0), time.perf_counter() - t0)
+    return AsyncSave.start(_write_and_commit, (prep, path, comm, bucket_bytes, t0, overwrite),
+                           time.perf_counter() - t0)
 
 
 @dataclass
@@ -136,23 +145,36 @@ def _prepare(local, error, comm, max_bytes, bucket_bytes) -> _Prepared:
     return _Prepared(local, infos, plan, layouts, sched)
 
 
-def _write_and_commit(prep: _Prepared, path: str, comm: Comm, bucket_bytes: int, t0: float) -> SaveResult:
-    """Steps 3-5: ready the directory, stream this rank's files, publish the index."""
-    local, plan, sched, layouts = prep.local, prep.plan, prep.sched, prep.layouts
-    shapes = {i.name: i.shape for i in prep.infos}
-    dtypes = {i.name: i.dtype for i in prep.infos}
-
-    # 3. Rank 0 readies the directory; nobody writes until it has.
-    old_files: list[str] = []
-    error = None
+def _write_and_commit(prep: _Prepared, path: str, comm: Comm, bucket_bytes: int, t0: float,
+                      overwrite: bool) -> SaveResult:
+    """Steps 3-5: stage, stream this rank's files, publish the index and the files together."""
+    # 3. Rank 0 takes the lock and makes a staging directory; nobody writes until it has.
+    target, staging, error = Target(path), None, None
     if comm.rank == 0:
         try:
-            old_files = prepare_directory(path)
+            staging = target.begin(overwrite)
         except Exception as e:
             error = e
     comm.agree(error, f"preparing {path}")
+    staging = comm.broadcast_object(staging, 0)
+    try:
+        return _write_staged(prep, target, staging, comm, bucket_bytes, t0)
+    except BaseException:
+        if comm.rank == 0:  # the old checkpoint (if any) is untouched; drop the new pieces
+            target.abort()
+        raise
+    finally:
+        if comm.rank == 0:
+            target.release()
 
-    # 4. Every rank streams its own files.
+
+def _write_staged(prep, target, staging, comm, bucket_bytes, t0) -> SaveResult:
+    local, plan, sched, layouts = prep.local, prep.plan, prep.sched, prep.layouts
+    shapes = {i.name: i.shape for i in prep.infos}
+    dtypes = {i.name: i.dtype for i in prep.infos}
+    path = target.path
+
+    # 4. Every rank streams its own files into the staging directory.
     written: list[WrittenFile] = []
     error = None
     exchanger = streamer = None
@@ -166,29 +188,30 @@ def _write_and_commit(prep: _Prepared, path: str, comm: Comm, bucket_bytes: int,
                 return exchanger.blocks_of(name)
             return [(local.tensors[name], True)] if name in local.tensors else []
 
-        os.makedirs(path, exist_ok=True)
         for fplan in plan.files_of(comm.rank):
-            written.append(write_file(streamer, os.path.join(path, fplan.name), fplan, blocks_of, comm.rank))
+            written.append(write_file(streamer, os.path.join(staging, fplan.name), fplan, blocks_of, comm.rank))
     except Exception as e:
         error = e
     finally:
-        if exchanger is not None:
-            exchanger.finish()  # the other owners may still need this rank's pieces
-        if streamer is not None:
-            streamer.close()
+        try:
+            if exchanger is not None:
+                exchanger.finish()  # the other owners may still need this rank's pieces
+        finally:
+            if streamer is not None:
+                streamer.close()
     reports = comm.all_gather_object((written, describe_error(error)))
     raise_if_failed([r[1] for r in reports], f"writing {path}")
     all_written = [w for r in reports for w in r[0]]
 
-    # 5. Rank 0 checks the files against the plan and publishes the index, last.
+    # 5. Rank 0 checks the files against the plan, writes the index, and publishes it all.
     error, index_path = None, os.path.join(path, fmt.INDEX_NAME)
     if comm.rank == 0:
         try:
-            publish_index(path, plan, all_written)
-            remove_stale(path, old_files, plan)
+            write_index(staging, plan, all_written)
+            target.publish()
         except Exception as e:
             error = e
-    comm.agree(error, f"publishing the index of {path}")
+    comm.agree(error, f"publishing {path}")
 
     result = SaveResult(
         path, comm.rank, comm.world_size, all_written, plan.total_size,

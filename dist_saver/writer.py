@@ -21,6 +21,7 @@ import torch
 
 from . import format as fmt
 from .buffers import ALIGN, BufferPool, as_bytes, shared_pool
+from .checksum import Hasher
 from .plan import FilePlan
 
 DEFAULT_BUFFER_BYTES = 16 << 20
@@ -37,6 +38,7 @@ class WrittenFile:
     tensors: dict[str, int] = field(default_factory=dict)  # name -> data bytes written
     seconds: float = 0.0
     direct_io: bool = False
+    checksum: str = ""  # "<algorithm>:<hex>" of the whole file, computed as it was written
 
 
 def _o_direct_supported() -> bool:
@@ -59,12 +61,13 @@ class _WriterThread:
             if job is None:
                 self.jobs.task_done()
                 return
-            fd, offset, buf, n, event = job
+            fd, offset, buf, n, real, hasher, event = job
             try:
                 if self.error is None:
                     if event is not None:
                         event.synchronize()  # the device-to-host copies into buf are done
                     view = as_bytes(buf)[:n]
+                    hasher.update(view[:real])  # the file's bytes, not the O_DIRECT padding
                     while view:
                         k = os.pwrite(fd, view, offset)
                         view, offset = view[k:], offset + k
@@ -74,8 +77,8 @@ class _WriterThread:
                 self.pool.give(buf)
                 self.jobs.task_done()
 
-    def submit(self, fd, offset, buf, n, event) -> None:
-        self.jobs.put((fd, offset, buf, n, event))
+    def submit(self, fd, offset, buf, n, real, hasher, event) -> None:
+        self.jobs.put((fd, offset, buf, n, real, hasher, event))
 
     def drain(self) -> None:
         self.jobs.join()
@@ -135,6 +138,7 @@ class FileStream:
         self.buf: torch.Tensor | None = None
         self.pos = 0  # bytes filled in the current buffer
         self.pending_device_copy = False
+        self.hasher = Hasher()
 
     def _space(self) -> int:
         if self.buf is None:
@@ -150,7 +154,8 @@ class FileStream:
             event = torch.cuda.Event()
             event.record(self.s.stream)
             self.pending_device_copy = False
-        self.s.writer.submit(self.fd, self.offset, self.buf, self.pos if n is None else n, event)
+        n = self.pos if n is None else n
+        self.s.writer.submit(self.fd, self.offset, self.buf, n, self.pos, self.hasher, event)
         self.offset += self.buf.numel()
         self.buf = None
 
@@ -252,4 +257,4 @@ def write_file(
             size = f.close()
     except OSError as e:
         raise OSError(e.errno, f"writing {path} on rank {rank}: {e.strerror or e}") from e
-    return WrittenFile(plan.name, rank, size, written, time.perf_counter() - t0, f.direct)
+    return WrittenFile(plan.name, rank, size, written, time.perf_counter() - t0, f.direct, f.hasher.digest())

@@ -153,7 +153,9 @@ def test_resave_replaces_our_own_checkpoint_and_drops_stale_files(tmp_path):
     dist_save({f"t{i}": torch.full((100,), i) for i in range(4)}, path, max_shard_size=800)
     assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) == 4
     new = {"only": torch.arange(3)}
-    dist_save(new, path)
+    with pytest.raises(SaveError, match="already holds a checkpoint; pass overwrite=True"):
+        dist_save(new, path)
+    dist_save(new, path, overwrite=True)
     assert sorted(os.listdir(path)) == sorted([fmt.INDEX_NAME, fmt.shard_file_name(1, 1)])
     assert_bitwise_equal(load_state_dict(path), new)
 
