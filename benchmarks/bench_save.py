@@ -6,7 +6,7 @@
 Same synthetic Llama-shaped bf16 model for every row; rows are interleaved round by round so they
 share the disk's mood; each row's time is the slowest rank's, best of --repeat rounds. Rows:
   raw: every rank writes its 1/N of the model bytes to its own file: page cache / +fsync / O_DIRECT
-  dist_save (durable, O_DIRECT where the filesystem allows)
+  dist_save (durable, O_DIRECT where the filesystem allows), with and without checksums
   save_file: safetensors.torch.save_file of the full state dict from one process (+fsync)
   rank-0 gather + hub: get_model_state_dict(full_state_dict, cpu_offload) then huggingface_hub's
       save_torch_state_dict on rank 0 (if huggingface_hub is installed)
@@ -167,6 +167,9 @@ def main() -> None:
     def dist_saver_row(out):
         dist_save(model, out)
 
+    def dist_saver_no_checksum_row(out):
+        dist_save(model, out, checksums=False)
+
     def save_file_row(out):
         from safetensors.torch import save_file
 
@@ -202,6 +205,7 @@ def main() -> None:
         "raw write + fsync": raw_writer(share, "fsync", raw_buf),
         "raw O_DIRECT + fsync": raw_writer(share, "direct", raw_buf),
         "dist_save": dist_saver_row,
+        "dist_save, no checksums": dist_saver_no_checksum_row,
         "save_file, one process (+fsync)": save_file_row,
         "rank-0 gather + hub save": rank0_hub_row,
         "DCP FileSystemWriter (not HF)": dcp_row,
@@ -249,6 +253,9 @@ def _report(rows, total, world, args) -> None:
         med = statistics.median(x["seconds"] for x in rows[name])
         print(f"{name:<34} {r['seconds']:>7.2f} {total / r['seconds'] / 1e9:>6.2f} {ratio:>10} {med:>8.2f} "
               f"{r['disk_bytes'] / 1e9:>8.2f} {r['peak_rss'] / 2**30:>12.2f}")
+    if "dist_save" in best and "dist_save, no checksums" in best:
+        print(f"checksums cost: {best['dist_save']['seconds'] / best['dist_save, no checksums']['seconds'] - 1:+.1%} "
+              f"of save time (best of each)")
     if "dist_save" in best and "DCP HF writer + consolidation" in best:
         print(f"dist_save vs DCP HF + consolidation: "
               f"{best['DCP HF writer + consolidation']['seconds'] / best['dist_save']['seconds']:.1f}x faster")

@@ -5,6 +5,7 @@ Without an initialised process group everything works as a group of one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import pickle
@@ -78,13 +79,15 @@ class Comm:
         if not self.active or self.world_size == 1:
             recv.copy_(send)
             return
-        dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group)
+        with _peer_failures(self.rank):
+            dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group)
 
     def all_gather_object(self, obj: Any) -> list:
         if not self.active or self.world_size == 1:
             return [obj]
         out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        with _peer_failures(self.rank):
+            dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def broadcast_object(self, obj: Any, src: int) -> Any:
@@ -92,7 +95,8 @@ class Comm:
         if not self.active or self.world_size == 1:
             return obj
         box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src=self.global_rank(src), group=self.group)
+        with _peer_failures(self.rank):
+            dist.broadcast_object_list(box, src=self.global_rank(src), group=self.group)
         return box[0]
 
     def gather_deduplicated(self, obj: Any, error: BaseException | None, what: str) -> list[tuple[list[int], Any]]:
@@ -118,6 +122,18 @@ class Comm:
     def agree(self, error: BaseException | None, what: str, cls: type = SaveError) -> None:
         """Collective: raise the same error (cls) on every rank if any rank failed."""
         raise_if_failed(self.all_gather_object(describe_error(error)), what, cls)
+
+
+@contextlib.contextmanager
+def _peer_failures(rank: int):
+    """A collective that breaks (a peer died, or exceeded the timeout) becomes a SaveError."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        raise SaveError(
+            f"rank {rank}: a collective failed, so another rank died or stopped responding "
+            f"(or the save's timeout passed): {str(e).splitlines()[0][:300]}"
+        ) from e
 
 
 def describe_error(error: BaseException | None) -> str | None:

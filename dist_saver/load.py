@@ -17,6 +17,7 @@ from .layout import layout_of
 from .reader import ShardFile
 from .state import alias_key, as_state_dict
 from .buffers import StagingBuffer
+from .verify import verify as verify_files
 
 log = logging.getLogger("dist_saver")
 

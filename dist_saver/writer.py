@@ -67,7 +67,8 @@ class _WriterThread:
                     if event is not None:
                         event.synchronize()  # the device-to-host copies into buf are done
                     view = as_bytes(buf)[:n]
-                    hasher.update(view[:real])  # the file's bytes, not the O_DIRECT padding
+                    if hasher is not None:  # after the device copy landed; in file order
+                        hasher.update(view[:real])  # the file's bytes, not the O_DIRECT padding
                     while view:
                         k = os.pwrite(fd, view, offset)
                         view, offset = view[k:], offset + k
@@ -94,7 +95,7 @@ class Streamer:
     """One per save and rank: the buffer pool, the writer thread and the CUDA side stream."""
 
     def __init__(self, buffer_bytes: int = DEFAULT_BUFFER_BYTES, count: int = DEFAULT_BUFFER_COUNT,
-                 cuda: bool = False, direct_io: bool = True):
+                 cuda: bool = False, direct_io: bool = True, checksums: bool = True):
         if buffer_bytes % ALIGN:
             raise ValueError(f"buffer size must be a multiple of {ALIGN}")
         self.pool = shared_pool(count, buffer_bytes, pinned=cuda)
@@ -103,6 +104,7 @@ class Streamer:
         if self.stream is not None:  # copies must see what the training stream wrote
             self.stream.wait_stream(torch.cuda.current_stream())
         self.direct_io = direct_io and _o_direct_supported()
+        self.checksums = checksums
 
     def close(self) -> None:
         self.writer.stop()
@@ -138,7 +140,7 @@ class FileStream:
         self.buf: torch.Tensor | None = None
         self.pos = 0  # bytes filled in the current buffer
         self.pending_device_copy = False
-        self.hasher = Hasher()
+        self.hasher = Hasher() if streamer.checksums else None
 
     def _space(self) -> int:
         if self.buf is None:
@@ -155,7 +157,12 @@ class FileStream:
             event.record(self.s.stream)
             self.pending_device_copy = False
         n = self.pos if n is None else n
-        self.s.writer.submit(self.fd, self.offset, self.buf, n, self.pos, self.hasher, event)
+        hasher = self.hasher
+        if hasher is not None and self.s.stream is None:
+            # CPU data: hash here, while the writer thread writes the previous buffer
+            hasher.update(as_bytes(self.buf)[: self.pos])
+            hasher = None
+        self.s.writer.submit(self.fd, self.offset, self.buf, n, self.pos, hasher, event)
         self.offset += self.buf.numel()
         self.buf = None
 
@@ -257,4 +264,5 @@ def write_file(
             size = f.close()
     except OSError as e:
         raise OSError(e.errno, f"writing {path} on rank {rank}: {e.strerror or e}") from e
-    return WrittenFile(plan.name, rank, size, written, time.perf_counter() - t0, f.direct, f.hasher.digest())
+    return WrittenFile(plan.name, rank, size, written, time.perf_counter() - t0, f.direct,
+                       f.hasher.digest() if f.hasher is not None else "")

@@ -33,11 +33,12 @@ def _entry(fn, rank, world_size, init_file, results, args, kwargs):
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 120, **kwargs) -> list:
+def run_ranks(fn, world_size: int, *args, timeout: float = 120, expect_dead=(), **kwargs) -> list:
     """fn(rank, world_size, *args, **kwargs) on every rank; its return values, by rank.
 
     Raises RankFailed with every failing rank's traceback, or if any rank is still running
     after `timeout` seconds (then all are killed): a hang is a failure, never a stuck suite.
+    Ranks in expect_dead may die without reporting (fault-injection tests); theirs is None.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -72,9 +73,9 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120, **kwargs) -> lis
         if os.path.exists(init_file):
             os.remove(init_file)
     failed = [f"rank {r}:\n{o}" for r, (ok, o) in sorted(outs.items()) if not ok]
-    missing = [r for r in range(world_size) if r not in outs]
+    missing = [r for r in range(world_size) if r not in outs and r not in expect_dead]
     if missing:
         failed.append(f"ranks {missing} returned nothing within {timeout}s (hung or died)")
     if failed:
         raise RankFailed("\n".join(failed))
-    return [outs[r][1] for r in range(world_size)]
+    return [outs[r][1] if r in outs else None for r in range(world_size)]
