@@ -62,3 +62,22 @@ def test_errors_of_any_rank_are_raised_on_every_rank(tmp_path):
     for out in outs:
         assert out and "rank 1: TypeError: state dict entry 'step'" in out
     assert not (tmp_path / "ck" / "model.safetensors.index.json").exists()
+
+
+def _replicated_snapshot(rank, world, path):
+    from dist_saver import snapshot
+    from dist_saver.synthetic import TinyLlama
+
+    model = TinyLlama(layers=8, tie_embeddings=False)
+    dist_save(model, path, async_save=True).wait(timeout=60)
+    held = sum(t.numel() * t.element_size() for t in snapshot._cache.values())
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    largest = max(t.numel() * t.element_size() for t in model.state_dict().values())
+    return held, total, largest
+
+
+def test_async_snapshot_of_a_replicated_model_holds_only_this_ranks_share(tmp_path):
+    outs = run_ranks(_replicated_snapshot, 2, str(tmp_path / "ck"))
+    for held, total, largest in outs:
+        assert 0 < held <= total / 2 + largest
+    assert sum(o[0] for o in outs) == outs[0][1]  # together, every byte exactly once
