@@ -170,6 +170,9 @@ def main() -> None:
     def dist_saver_no_checksum_row(out):
         dist_save(model, out, checksums=False)
 
+    def dist_saver_buffered_row(out):
+        dist_save(model, out, direct_io=False)
+
     def save_file_row(out):
         from safetensors.torch import save_file
 
@@ -206,6 +209,7 @@ def main() -> None:
         "raw O_DIRECT + fsync": raw_writer(share, "direct", raw_buf),
         "dist_save": dist_saver_row,
         "dist_save, no checksums": dist_saver_no_checksum_row,
+        "dist_save, buffered (direct_io=False)": dist_saver_buffered_row,
         "save_file, one process (+fsync)": save_file_row,
         "rank-0 gather + hub save": rank0_hub_row,
         "DCP FileSystemWriter (not HF)": dcp_row,
