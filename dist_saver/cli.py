@@ -1,0 +1,91 @@
+"""The dist-saver command: a thin layer over the library.
+
+    dist-saver inspect PATH [--json]   files, ranks, sizes, dtypes, tensors, aliases, completeness
+    dist-saver verify PATH [--json]    recompute checksums; exit 1 naming the damaged file
+
+Exit codes: 0 fine, 1 the checkpoint is incomplete or damaged, 2 bad usage or not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+
+from . import format as fmt
+from .errors import CheckpointError
+from .reader import ShardFile
+from .verify import verify
+
+
+def inspect_checkpoint(path: str) -> dict:
+    """What a checkpoint holds, read from its index and file headers (no tensor data)."""
+    index = fmt.read_index(path)
+    ours = index.ours or {}
+    recorded = ours.get("files") or {}
+    files = []
+    for name in sorted(set(index.weight_map.values())):
+        entry = {"file": name, "rank": (recorded.get(name) or {}).get("rank"), "present": False}
+        full = fmt.safe_member(index.directory, name)
+        if os.path.isfile(full):
+            with ShardFile(full) as f:
+                names = f.names()
+                dtypes = Counter(f.header[n]["dtype"] for n in names)
+            entry.update(present=True, size=os.path.getsize(full), tensors=len(names), dtypes=dict(dtypes),
+                         checksum=(recorded.get(name) or {}).get("checksum"))
+        files.append(entry)
+    return {
+        "path": index.directory,
+        "complete": all(f["present"] for f in files),
+        "written_by": "dist_saver" if index.ours else "another tool",
+        "world_size": ours.get("world_size"),
+        "tensors": len(index.weight_map),
+        "bytes": sum(f.get("size", 0) for f in files),
+        "aliases": index.aliases,
+        "files": files,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="dist-saver", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, text in (("inspect", "describe a checkpoint"), ("verify", "check every file's checksum")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("path")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "inspect":
+            info = inspect_checkpoint(args.path)
+            if args.json:
+                print(json.dumps(info, indent=2))
+            else:
+                print(f"{info['path']}: {info['tensors']} tensors, {info['bytes'] / 1e9:.3f} GB in "
+                      f"{len(info['files'])} files, written by {info['written_by']}"
+                      f"{'' if info['complete'] else ', INCOMPLETE'}")
+                for f in info["files"]:
+                    if not f["present"]:
+                        print(f"  {f['file']}: MISSING")
+                        continue
+                    dtypes = ", ".join(f"{k} x{v}" for k, v in sorted(f["dtypes"].items()))
+                    print(f"  {f['file']}: rank {f['rank']}, {f['size']} bytes, {f['tensors']} tensors ({dtypes})")
+                for alias, target in sorted(info["aliases"].items()):
+                    print(f"  alias {alias} -> {target}")
+            return 0 if info["complete"] else 1
+        checked = verify(args.path)
+        print(json.dumps({"ok": True, "files": checked}, indent=2) if args.json
+              else f"{args.path}: {len(checked)} files verified")
+        return 0
+    except CheckpointError as e:
+        damaged = "does not match" in str(e) or "missing" in str(e)  # a checkpoint, but broken
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(e)}))
+        else:
+            print(f"dist-saver {args.command}: {e}", file=sys.stderr)
+        return 1 if damaged else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
