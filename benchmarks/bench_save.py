@@ -3,8 +3,9 @@
     torchrun --standalone --nproc-per-node 2 benchmarks/bench_save.py --size-gb 4 --layout replicated
     torchrun --standalone --nproc-per-node 2 benchmarks/bench_save.py --size-gb 4 --layout fsdp
 
-Same synthetic Llama-shaped bf16 model for every row; rows are interleaved round by round so they
-share the disk's mood; each row's time is the slowest rank's, best of --repeat rounds. Rows:
+Same synthetic Llama-shaped bf16 model for every row; rows are interleaved round by round (in a
+rotated order each round) so they share the disk's mood; each row's time is the slowest rank's,
+best of --repeat rounds. Rows:
   raw: every rank writes its 1/N of the model bytes to its own file: page cache / +fsync / O_DIRECT
   dist_save (durable, O_DIRECT where the filesystem allows), with and without checksums
   save_file: safetensors.torch.save_file of the full state dict from one process (+fsync)
@@ -218,10 +219,14 @@ def main() -> None:
     if args.only:
         keep = [k.strip() for k in args.only.split(",")]
         rows = {k: v for k, v in rows.items() if any(s in k for s in keep)}
+    order = list(rows.items())
     for round_ in range(args.repeat):
         if rank == 0:
             print(f"round {round_ + 1}/{args.repeat}", flush=True)
-        for name, fn in rows.items():
+        # Rotate the order each round: on a VM that hands freed memory back to its host, a
+        # page-cache writer is much faster right after another one freed its pages.
+        k = round_ % len(order)
+        for name, fn in order[k:] + order[:k]:
             bench.run(name, fn)
     bench.clean()
     if rank == 0:
