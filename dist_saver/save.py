@@ -81,8 +81,7 @@ def dist_save(
     t0 = time.perf_counter()
     path = os.fspath(path)
     comm = Comm(save_group(process_group, timeout))
-    max_bytes = fmt.parse_size(max_shard_size)
-    bucket_bytes = fmt.parse_size(bucket_size)
+    opts = _Options(fmt.parse_size(max_shard_size), fmt.parse_size(bucket_size), overwrite, checksums, direct_io)
 
     # 1. Describe local tensors (no communication yet; an error is shared in the first gather).
     local, error = None, None
@@ -91,12 +90,12 @@ def dist_save(
     except Exception as e:
         error = e
     if not async_save:
-        prep = _prepare(local, error, comm, max_bytes, bucket_bytes)
-        return _write_and_commit(prep, path, comm, bucket_bytes, t0, overwrite, checksums, direct_io)
+        prep = _prepare(local, error, comm, opts)
+        return _write_and_commit(prep, path, comm, opts, t0)
     # Plan now, so the snapshot holds only what this rank writes or sends: under DDP that is
     # 1/N of the model, not all of it. The save's gloo group keeps its collectives apart from
     # the training's.
-    prep = _prepare(local, error, comm, max_bytes, bucket_bytes)
+    prep = _prepare(local, error, comm, opts)
     error = None
     try:
         needed = prep.tensors_read_by(comm.rank)
@@ -104,8 +103,16 @@ def dist_save(
     except Exception as e:  # e.g. out of host memory
         error = e
     comm.agree(error, "snapshotting tensors for an async save")
-    return AsyncSave.start(_write_and_commit, (prep, path, comm, bucket_bytes, t0, overwrite, checksums, direct_io),
-                           time.perf_counter() - t0)
+    return AsyncSave.start(_write_and_commit, (prep, path, comm, opts, t0), time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class _Options:
+    max_shard_bytes: int | None
+    bucket_bytes: int
+    overwrite: bool
+    checksums: bool
+    direct_io: bool
 
 
 @dataclass
@@ -127,7 +134,7 @@ class _Prepared:
         return names
 
 
-def _prepare(local, error, comm, max_bytes, bucket_bytes) -> _Prepared:
+def _prepare(local, error, comm: Comm, opts: _Options) -> _Prepared:
     """Steps 1b-2: share the descriptions, then plan and schedule (the same on every rank)."""
     payload = (local.metas, local.aliases) if local is not None else None
     groups = comm.gather_deduplicated(payload, error, "describing the state dict")
@@ -136,7 +143,7 @@ def _prepare(local, error, comm, max_bytes, bucket_bytes) -> _Prepared:
     infos, aliases = merge_metadata(
         [(ranks, value[0]) for ranks, value in groups], comm.world_size, [value[1] for _, value in groups]
     )
-    plan = make_plan(infos, comm.world_size, max_bytes, aliases)
+    plan = make_plan(infos, comm.world_size, opts.max_shard_bytes, aliases)
     # A tensor replicated over several meshes (e.g. not tensor-parallel under 2-D) has one
     # layout per replica group: every one of them can supply pieces.
     layouts: dict[str, tuple] = {}
@@ -145,24 +152,23 @@ def _prepare(local, error, comm, max_bytes, bucket_bytes) -> _Prepared:
             if m.layout is not None and m.layout not in layouts.get(m.name, ()):
                 layouts[m.name] = layouts.get(m.name, ()) + (m.layout,)
     shapes = {i.name: i.shape for i in infos}
-    sched = make_schedule(plan, shapes, layouts, comm.group_rank, bucket_bytes)
+    sched = make_schedule(plan, shapes, layouts, comm.group_rank, opts.bucket_bytes)
     return _Prepared(local, infos, plan, layouts, sched)
 
 
-def _write_and_commit(prep: _Prepared, path: str, comm: Comm, bucket_bytes: int, t0: float,
-                      overwrite: bool, checksums: bool, direct_io: bool) -> SaveResult:
+def _write_and_commit(prep: _Prepared, path: str, comm: Comm, opts: _Options, t0: float) -> SaveResult:
     """Steps 3-5: stage, stream this rank's files, publish the index and the files together."""
     # 3. Rank 0 takes the lock and makes a staging directory; nobody writes until it has.
     target, staging, error = Target(path), None, None
     if comm.rank == 0:
         try:
-            staging = target.begin(overwrite)
+            staging = target.begin(opts.overwrite)
         except Exception as e:
             error = e
     comm.agree(error, f"preparing {path}")
     staging = comm.broadcast_object(staging, 0)
     try:
-        return _write_staged(prep, target, staging, comm, bucket_bytes, t0, checksums, direct_io)
+        return _write_staged(prep, target, staging, comm, opts, t0)
     except BaseException:
         if comm.rank == 0:  # the old checkpoint (if any) is untouched; drop the new pieces
             target.abort()
@@ -172,7 +178,8 @@ def _write_and_commit(prep: _Prepared, path: str, comm: Comm, bucket_bytes: int,
             target.release()
 
 
-def _write_staged(prep, target, staging, comm, bucket_bytes, t0, checksums, direct_io) -> SaveResult:
+def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opts: _Options,
+                  t0: float) -> SaveResult:
     local, plan, sched, layouts = prep.local, prep.plan, prep.sched, prep.layouts
     shapes = {i.name: i.shape for i in prep.infos}
     dtypes = {i.name: i.dtype for i in prep.infos}
@@ -184,8 +191,8 @@ def _write_staged(prep, target, staging, comm, bucket_bytes, t0, checksums, dire
     exchanger = streamer = None
     try:
         cuda = any(t.device.type == "cuda" for t in local.tensors.values())
-        streamer = Streamer(cuda=cuda, checksums=checksums, direct_io=direct_io)
-        exchanger = Exchanger(sched, comm, local.tensors, shapes, layouts, dtypes, bucket_bytes, comm.device)
+        streamer = Streamer(cuda=cuda, checksums=opts.checksums, direct_io=opts.direct_io)
+        exchanger = Exchanger(sched, comm, local.tensors, shapes, layouts, dtypes, opts.bucket_bytes, comm.device)
 
         def blocks_of(name):
             if name in sched.chunks:
