@@ -106,6 +106,11 @@ class ShardFile:
         nbytes = dtype.itemsize
         for s in bshape:
             nbytes *= s
+        row = dtype.itemsize
+        for s in shape[1:]:
+            row *= s
+        if shape and _run_length(shape, off, bshape, dtype.itemsize) < SMALL_RUN and row <= staging.nbytes:
+            return self._read_whole_rows(dst, start, off, bshape, shape, dtype, staging, row)
         if (dst.device.type == "cpu" and dst.is_contiguous()) or nbytes <= staging.nbytes:
             return self._read_rows(dst, start, off, bshape, shape, dtype, staging)
         # Too big for the staging buffer: split along the first dim that can be split.
@@ -117,6 +122,27 @@ class ShardFile:
             sub_off = off[:d] + (off[d] + lo,) + off[d + 1 :]
             sub_shape = bshape[:d] + (k,) + bshape[d + 1 :]
             n += self._read_box(dst.narrow(d, lo, k), start, sub_off, sub_shape, shape, dtype, staging)
+        return n
+
+    def _read_whole_rows(self, dst, start, off, bshape, shape, dtype, staging, row) -> int:
+        """Small runs (e.g. column shards of narrow rows): one sequential read of the box's whole
+        rows per block, then a strided copy. Reads up to full-row/box-row times the box (2x for
+        a 2-way column split) but replaces thousands of tiny random reads, which were ~10x
+        slower here."""
+        per = max(1, staging.nbytes // row)
+        inner = tuple(slice(o, o + s) for o, s in zip(off[1:], bshape[1:]))
+        n = 0
+        for lo in range(0, bshape[0], per):
+            k = min(per, bshape[0] - lo)
+            buf = staging.get(pinned=False)[: k * row]
+            view = as_bytes(buf)
+            got = os.preadv(self.fd, [view], start + (off[0] + lo) * row)
+            if got != k * row:
+                raise CheckpointError(f"{self.path}: file is truncated (short read)")
+            full = buf.view(dtype).view((k,) + tuple(shape[1:]))
+            dst.narrow(0, lo, k).copy_(full[(slice(None),) + inner])
+            n += k * row
+        self.bytes_read += n
         return n
 
     def _read_rows(self, dst, start, off, bshape, shape, dtype, staging) -> int:
@@ -138,6 +164,20 @@ class ShardFile:
             dst.copy_(target)
         self.bytes_read += pos
         return pos
+
+
+# Below this many contiguous bytes per run, reading whole rows sequentially beats exact reads.
+SMALL_RUN = 64 << 10
+
+
+def _run_length(shape, offset, bshape, item) -> int:
+    k = len(shape) - 1
+    while k > 0 and offset[k] == 0 and bshape[k] == shape[k]:
+        k -= 1
+    n = item * bshape[k]
+    for s in shape[k + 1 :]:
+        n *= s
+    return n if k > 0 else 1 << 62  # a range of whole rows is one run however short
 
 
 def _runs(shape: Sequence[int], offset: Sequence[int], bshape: Sequence[int], item: int):

@@ -59,3 +59,13 @@ def test_truncated_file_and_wrong_target(saved, tmp_path):
         with pytest.raises(CheckpointError, match="no tensor 'nope'"):
             f.info("nope")
     assert os.path.exists(file)
+
+
+def test_column_boxes_of_narrow_rows_are_read_as_whole_rows(saved):
+    file, t = saved
+    cube = t["cube"]
+    with ShardFile(file) as f:
+        out = torch.empty(5, 6, 3, dtype=torch.int32)
+        n = f.read_into("cube", out, ((0, 0, 4), (5, 6, 3)))  # runs of 12 bytes
+        assert torch.equal(out, cube[:, :, 4:7])
+        assert n == 5 * 6 * 7 * 4  # the rows it spans, in one sequential read

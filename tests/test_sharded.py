@@ -54,8 +54,10 @@ def test_save_in_one_layout_load_in_another(tmp_path, src, dst):
                 if t.data_ptr() != 0) - 50 * 100 * 4  # tied lm_head counted once
     for out in outs:
         assert out["tied"]
-        # a rank reads exactly the bytes of its own pieces, not whole tensors
-        assert out["bytes_read"] == out["local_bytes"]
+        if dst[0] in ("fsdp", "none"):  # row shards: exactly the bytes of its own pieces
+            assert out["bytes_read"] == out["local_bytes"]
+        else:  # column shards of narrow rows are read as whole rows: at most world x the pieces
+            assert out["local_bytes"] <= out["bytes_read"] <= dst[1] * out["local_bytes"]
         if dst[0] == "fsdp":
             assert out["bytes_read"] < 0.6 * total
 
