@@ -258,3 +258,39 @@ def test_hostile_or_damaged_checkpoints_give_a_clear_error(tmp_path, case):
         with pytest.raises(CheckpointError, match=expected) as info:
             load()
         assert str(d) in str(info.value) or "outside" in str(info.value)
+
+
+def _slow_job(path, started, hold):
+    """A separate single-process job whose save holds the target for `hold` seconds."""
+    import dist_saver.save as save_mod
+
+    real = save_mod.write_file
+
+    def slow(*args):
+        started.set()
+        time.sleep(hold)
+        return real(*args)
+
+    save_mod.write_file = slow
+    dist_save(new_state(), path, overwrite=True)
+
+
+def test_two_concurrent_jobs_saving_into_one_path(tmp_path):
+    import multiprocessing as mp
+
+    path = str(tmp_path / "ck")
+    dist_save(old_state(), path)
+    ctx = mp.get_context("spawn")
+    started = ctx.Event()
+    first = ctx.Process(target=_slow_job, args=(path, started, 4.0))
+    first.start()
+    try:
+        assert started.wait(60), "the first job never started writing"
+        with pytest.raises(SaveError, match=r"another save into .* in progress .*pid \d+"):
+            dist_save({"other": torch.ones(3)}, path, overwrite=True)
+        assert_bitwise_equal(load_state_dict(path), old_state())  # untouched while the first writes
+    finally:
+        first.join(60)
+    assert first.exitcode == 0
+    assert_bitwise_equal(load_state_dict(path), new_state())  # the first job's save, complete
+    assert leftovers(path) == []
