@@ -20,7 +20,7 @@ def main(path: str) -> None:
     torch.set_num_threads(1)
     # Every rank holds the same weights (as under DDP); each writes only the tensors it owns.
     model = TinyLlama(vocab=4096, hidden=256, kv=64, intermediate=704, layers=8, dtype=torch.bfloat16, seed=0)
-    result = dist_save(model, path, max_shard_size="2MB")
+    result = dist_save(model, path, max_shard_size="2MB", overwrite=True)
     mine = ", ".join(f"{f.name} ({f.size / 1e6:.2f} MB, {len(f.tensors)} tensors)" for f in result.my_files)
     print(f"[rank {rank}] wrote {mine or 'nothing'}", flush=True)
     dist.barrier()
