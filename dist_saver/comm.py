@@ -12,7 +12,6 @@ import pickle
 import traceback
 from typing import Any, Sequence
 
-import torch
 import torch.distributed as dist
 
 from .errors import DistSaverError, SaveError
@@ -52,13 +51,6 @@ class Comm:
                 raise ValueError("this rank is not a member of the given process_group")
         else:
             self.rank, self.world_size = 0, 1
-
-    @property
-    def device(self) -> torch.device:
-        """Where collective buffers must live: the current GPU for NCCL, else the CPU."""
-        if self.active and dist.get_backend(self.group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
 
     def global_rank(self, group_rank: int) -> int:
         if not self.active or self.group is None:

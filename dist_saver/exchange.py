@@ -144,10 +144,9 @@ class Exchanger:
     """Runs the rounds of a Schedule for one rank; the writer pulls assembled chunks from it."""
 
     def __init__(self, sched: Schedule, comm, local: Mapping[str, torch.Tensor], shapes, layouts,
-                 dtypes: Mapping[str, str], bucket_bytes: int, device: torch.device):
+                 dtypes: Mapping[str, str], bucket_bytes: int):
         self.sched, self.comm, self.local = sched, comm, local
         self.rank = comm.rank
-        self.device = device
         self.done_rounds = 0
         self.dtypes, self.shapes = dtypes, shapes
         self.my_boxes: dict[str, Box] = {}
@@ -169,17 +168,16 @@ class Exchanger:
             lst.sort(key=lambda x: x[0])  # stable: chunk order kept within a destination
         for lst in self.recv:
             lst.sort(key=lambda x: x[0])
-        most = max([sum(p.nbytes for *_, p in r) for r in self.send + self.recv] + [0])
-        self._send_buf = torch.empty(0, dtype=torch.uint8, device=device)
-        self._recv_buf = torch.empty(0, dtype=torch.uint8, device=device)
+        # host buffers (the save's group is gloo), grown to the largest round, then reused
+        self._send_buf = torch.empty(0, dtype=torch.uint8)
+        self._recv_buf = torch.empty(0, dtype=torch.uint8)
         self._asm = StagingBuffer(bucket_bytes)
-        self.received: dict[tuple[str, int], torch.Tensor] = {}  # (name, chunk, piece) -> bytes
-        self.peak_buffer_bytes = most
+        self.received: dict[tuple, torch.Tensor] = {}  # (name, chunk, piece offset) -> bytes
 
     def _buffer(self, attr: str, n: int) -> torch.Tensor:
         buf = getattr(self, attr)
-        if buf.numel() < n:  # grows to the largest round, then reused
-            buf = torch.empty(n, dtype=torch.uint8, device=self.device)
+        if buf.numel() < n:
+            buf = torch.empty(n, dtype=torch.uint8)
             setattr(self, attr, buf)
         return buf[:n]
 

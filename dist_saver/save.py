@@ -192,7 +192,7 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opt
     try:
         cuda = any(t.device.type == "cuda" for t in local.tensors.values())
         streamer = Streamer(cuda=cuda, checksums=opts.checksums, direct_io=opts.direct_io)
-        exchanger = Exchanger(sched, comm, local.tensors, shapes, layouts, dtypes, opts.bucket_bytes, comm.device)
+        exchanger = Exchanger(sched, comm, local.tensors, shapes, layouts, dtypes, opts.bucket_bytes)
 
         def blocks_of(name):
             if name in sched.chunks:

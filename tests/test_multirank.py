@@ -108,6 +108,7 @@ def _pipeline(rank, world, path):
 def test_tensors_held_by_some_ranks_are_written_by_a_holder(tmp_path):
     path = str(tmp_path / "ck")
     outs = run_ranks(_pipeline, 2, path)
+    assert outs[0] == outs[1], "every rank reports the same files"
     back = load_state_dict(path)
     assert torch.equal(back["stage1.w2"], torch.full((50,), 12.0))
     assert len(back) == 7

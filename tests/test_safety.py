@@ -50,7 +50,7 @@ def test_interrupted_publish_is_recovered(tmp_path):
     t = Target(str(path))
     os.rename(t.path, t.previous)  # crashed between the two renames of a publish
     os.mkdir(t.staging)  # and a crashed save's staging area
-    (tmp_path / f".ck.dist_saver-staging" / "model-00001-of-00001.safetensors").write_bytes(b"junk")
+    (tmp_path / ".ck.dist_saver-staging" / "model-00001-of-00001.safetensors").write_bytes(b"junk")
     dist_save(new_state(), path, overwrite=True)  # recovers, then replaces
     assert_bitwise_equal(load_state_dict(path), new_state())
     assert leftovers(path) == []
