@@ -46,7 +46,7 @@ def build_fsdp_model(size_gb: float, world: int) -> torch.nn.Module:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-gb", type=float, default=4.0)
-    ap.add_argument("--bucket", default="256MiB")
+    ap.add_argument("--bucket", default="16MiB")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir, removed after)")
     ap.add_argument("--json", default=None, help="append the rows as JSON lines to this file")
     args = ap.parse_args()

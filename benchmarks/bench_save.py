@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--dir", default=None, help="parent of the scratch directory (default: /tmp)")
     ap.add_argument("--only", default=None, help="comma-separated row names to run")
+    ap.add_argument("--bucket", default=None, help="dist_save's bucket_size (default: its own)")
     ap.add_argument("--json", default=None, help="append results as JSON lines here")
     args = ap.parse_args()
 
@@ -165,14 +166,16 @@ def main() -> None:
     bench = Bench(args)
     raw_buf = aligned_empty(64 << 20)
 
+    bucket = {"bucket_size": args.bucket} if args.bucket else {}
+
     def dist_saver_row(out):
-        dist_save(model, out)
+        dist_save(model, out, **bucket)
 
     def dist_saver_no_checksum_row(out):
-        dist_save(model, out, checksums=False)
+        dist_save(model, out, checksums=False, **bucket)
 
     def dist_saver_buffered_row(out):
-        dist_save(model, out, direct_io=False)
+        dist_save(model, out, direct_io=False, **bucket)
 
     def save_file_row(out):
         from safetensors.torch import save_file

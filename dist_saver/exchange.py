@@ -20,7 +20,7 @@ from .layout import Box, Layout, rank_boxes
 from .plan import Plan
 from .buffers import StagingBuffer
 
-DEFAULT_BUCKET_BYTES = 128 << 20
+DEFAULT_BUCKET_BYTES = 16 << 20  # small rounds pipeline best with the writes (0.69x -> 0.86x of raw O_DIRECT, FSDP2 on 2 ranks)
 
 
 @dataclass(frozen=True)
