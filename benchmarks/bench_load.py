@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--size-gb", type=float, default=4.0)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--json", default=None, help="append results as JSON lines here")
     args = ap.parse_args()
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -112,6 +113,13 @@ def main() -> None:
             s, disk, need = min(runs)
             print(f"{name:<36} {s:>7.2f} {need / s / 1e9:>14.2f} {disk / 1e9:>20.2f}")
         shutil.rmtree(root[0], ignore_errors=True)
+        if args.json:
+            import json
+
+            with open(args.json, "a") as f:
+                f.write(json.dumps({"bench": "load", "world": world, "model_bytes": total,
+                                    "rows": {k: [{"seconds": a, "disk_bytes": b, "needed_bytes": c}
+                                                 for a, b, c in v] for k, v in results.items()}}) + "\n")
     dist.barrier()
     dist.destroy_process_group()
 
