@@ -14,7 +14,7 @@ best of --repeat rounds. Rows:
   DCP FileSystemWriter (.distcp, not HF-loadable: the throughput reference)
   DCP HF writer + consolidation, timed until the directory is HF-loadable
 Columns: seconds, GB/s of model bytes, ratio to the best durable raw path, bytes written to disk
-(all ranks, /proc/self/io), peak RSS per rank.
+(all ranks, /proc/self/io), peak RSS per rank over its RSS when the row started.
 """
 
 from __future__ import annotations
@@ -115,11 +115,11 @@ class Bench:
             dist.barrier()
         written = _io_written() - before
         stats = [None] * self.world
-        dist.all_gather_object(stats, (mine, written, mem.peak, ok))
+        dist.all_gather_object(stats, (mine, written, mem.extra, ok))
         if all(s[3] for s in stats):
             self.rows.setdefault(name, []).append({
                 "seconds": max(s[0] for s in stats), "disk_bytes": sum(s[1] for s in stats),
-                "peak_rss": max(s[2] for s in stats)})
+                "peak_extra_rss": max(s[2] for s in stats)})
             if self.rank == 0:
                 print(f"  {name}: {max(s[0] for s in stats):.2f}s", flush=True)
 
@@ -259,12 +259,12 @@ def _report(rows, total, world, args) -> None:
     ceiling = min(durable) if durable else None
     print(f"\n{args.layout} model, {total / 1e9:.2f} GB bf16, {world} ranks, best of {args.repeat} "
           f"(torch {torch.__version__})")
-    print(f"{'saver':<34} {'s':>7} {'GB/s':>6} {'x best raw':>10} {'median s':>8} {'disk GB':>8} {'peak RSS GiB':>12}")
+    print(f"{'saver':<34} {'s':>7} {'GB/s':>6} {'x best raw':>10} {'median s':>8} {'disk GB':>8} {'extra RSS GiB':>13}")
     for name, r in best.items():
         ratio = f"{ceiling / r['seconds']:.2f}" if ceiling else "-"
         med = statistics.median(x["seconds"] for x in rows[name])
         print(f"{name:<34} {r['seconds']:>7.2f} {total / r['seconds'] / 1e9:>6.2f} {ratio:>10} {med:>8.2f} "
-              f"{r['disk_bytes'] / 1e9:>8.2f} {r['peak_rss'] / 2**30:>12.2f}")
+              f"{r['disk_bytes'] / 1e9:>8.2f} {r['peak_extra_rss'] / 2**30:>13.2f}")
     if "dist_save" in best and "dist_save, no checksums" in best:
         print(f"checksums cost: {best['dist_save']['seconds'] / best['dist_save, no checksums']['seconds'] - 1:+.1%} "
               f"of save time (best of each)")
