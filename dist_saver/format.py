@@ -17,6 +17,8 @@ import torch
 from .errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
+# save_pretrained's files that a checkpoint of ours may carry beside the weights
+OWN_EXTRA_FILES = ("config.json", "generation_config.json")
 SINGLE_NAME = "model.safetensors"
 # Key under the index's "metadata" that marks a checkpoint as ours and carries our extras.
 META_KEY = "dist_saver"
@@ -158,6 +160,13 @@ def index_document(weight_map: Mapping[str, str], total_size: int, extra: Mappin
     }
 
 
+def write_text_durable(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_json_atomic(path: str, doc: dict) -> None:
     """Write to a temp name, fsync, rename, fsync the directory: readers see all or nothing."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -244,6 +253,7 @@ def looks_like_our_checkpoint(directory: str) -> bool:
         except CheckpointError:
             return False
     for name in os.listdir(directory):
-        if not (name == INDEX_NAME or name.startswith(INDEX_NAME + ".tmp") or is_shard_file_name(name)):
+        if not (name == INDEX_NAME or name.startswith(INDEX_NAME + ".tmp") or is_shard_file_name(name)
+                or name in OWN_EXTRA_FILES):
             return False
     return True

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from . import format as fmt
 from .comm import Comm, describe_error, raise_if_failed, save_group
 from .commit import Target, write_index
+from .hf import model_files
 from .exchange import DEFAULT_BUCKET_BYTES, Exchanger, make_schedule
 from .plan import Plan, make_plan, merge_metadata
 from .snapshot import snapshot
@@ -64,6 +65,9 @@ def dist_save(
     Sharded tensors (DTensor: FSDP2, tensor parallel, 2-D) are assembled on their owner from the
     pieces the other ranks hold, bucket_size bytes (per owner, per round) at a time.
 
+    A transformers PreTrainedModel also gets its config.json (and generation_config.json) written
+    beside the weights, as save_pretrained does, inside the same atomic publish.
+
     async_save: return an AsyncSave handle as soon as this rank's tensors are copied to host
     memory; writing and the commit go on in a background thread, with their collectives on a
     gloo group of their own. handle.wait() returns the SaveResult or raises any rank's error.
@@ -81,7 +85,8 @@ def dist_save(
     t0 = time.perf_counter()
     path = os.fspath(path)
     comm = Comm(save_group(process_group, timeout))
-    opts = _Options(fmt.parse_size(max_shard_size), fmt.parse_size(bucket_size), overwrite, checksums, direct_io)
+    opts = _Options(fmt.parse_size(max_shard_size), fmt.parse_size(bucket_size), overwrite, checksums, direct_io,
+                    tuple(model_files(model_or_state_dict).items()) if comm.rank == 0 else ())
 
     # 1. Describe local tensors (no communication yet; an error is shared in the first gather).
     local, error = None, None
@@ -113,6 +118,7 @@ class _Options:
     overwrite: bool
     checksums: bool
     direct_io: bool
+    extra_files: tuple = ()  # (name, text): config.json etc., written by rank 0 into the staging dir
 
 
 @dataclass
@@ -218,6 +224,8 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opt
     error, index_path = None, os.path.join(path, fmt.INDEX_NAME)
     if comm.rank == 0:
         try:
+            for name, text in opts.extra_files:
+                fmt.write_text_durable(os.path.join(staging, name), text)
             write_index(staging, plan, all_written)
             target.publish()
         except Exception as e:
