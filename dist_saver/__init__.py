@@ -1,6 +1,7 @@
 """dist_saver: save PyTorch weights from every rank in parallel into the Hugging Face safetensors
 layout, and load them back per rank."""
 
+from .convert import convert_dcp
 from .errors import CheckpointError, DistSaverError, PlanError, SaveError
 from .load import LoadResult, dist_load, load_state_dict
 from .save import SaveResult, dist_save
@@ -11,6 +12,7 @@ __all__ = [
     "dist_load",
     "load_state_dict",
     "verify",
+    "convert_dcp",
     "SaveResult",
     "LoadResult",
     "DistSaverError",

@@ -75,3 +75,39 @@ def test_two_torchrun_nodes_save_into_one_directory(tmp_path):
     text = "".join(outs)
     assert text.count("bit-identical") == 4 and "MISMATCH" not in text
     assert "from 4 ranks" in text
+
+
+def _dcp_save_then_convert(rank, world, src, dst):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from dist_saver import convert_dcp
+    from dist_saver.synthetic import TinyLlama
+
+    model = TinyLlama(**DIMS, tie_embeddings=False, seed=4)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    dcp.save(model.state_dict(), storage_writer=dcp.FileSystemWriter(src))  # e.g. torchtitan's checkpoint
+    result = convert_dcp(src, dst)
+    return sorted(f.name for f in result.my_files)
+
+
+def test_convert_dcp_in_parallel(tmp_path):
+    from dist_saver import load_state_dict
+    from dist_saver.cli import main
+    from dist_saver.synthetic import TinyLlama
+
+    from .helpers import assert_bitwise_equal, check_checkpoint_files
+
+    src, dst = str(tmp_path / "dcp"), str(tmp_path / "hf")
+    mine = run_ranks(_dcp_save_then_convert, 2, src, dst)
+    assert mine[0] and mine[1] and not set(mine[0]) & set(mine[1]), "each rank wrote its own files"
+    check_checkpoint_files(dst)
+    expected = TinyLlama(**DIMS, tie_embeddings=False, seed=4).state_dict()
+    assert_bitwise_equal(load_state_dict(dst), expected)
+    # and without torchrun, from the command line
+    assert main(["convert-dcp", src, str(tmp_path / "hf1")]) == 0
+    assert_bitwise_equal(load_state_dict(tmp_path / "hf1"), expected)
