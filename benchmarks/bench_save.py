@@ -13,6 +13,8 @@ best of --repeat rounds. Rows:
       save_torch_state_dict on rank 0 (if huggingface_hub is installed)
   DCP FileSystemWriter (.distcp, not HF-loadable: the throughput reference)
   DCP HF writer + consolidation, timed until the directory is HF-loadable
+  conversions of an existing DCP checkpoint (its writing not timed): dist_saver's convert_dcp, and
+      DCP's consolidate_safetensors_files_on_every_rank of the HF writer's per-rank pieces
 Columns: seconds, GB/s of model bytes, ratio to the best durable raw path, bytes written to disk
 (all ranks, /proc/self/io), peak RSS per rank over its RSS when the row started.
 """
@@ -100,6 +102,10 @@ class Bench:
 
     def run(self, name: str, fn) -> None:
         self.clean()
+        if isinstance(fn, tuple):  # (prepare, timed): the source a conversion starts from
+            prepare, fn = fn
+            prepare(os.path.join(self.root, "src"))
+            dist.barrier()
         before = _io_written()
         dist.barrier()
         with PeakRSS() as mem:
@@ -207,6 +213,35 @@ def main() -> None:
         writer = HuggingFaceStorageWriter(out, save_distributed=True, enable_consolidation=True)
         dcp.save(sd, storage_writer=writer)
 
+    def dcp_source(out):
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(out, sync_files=True))
+
+    def convert_row(out):
+        from dist_saver import convert_dcp
+
+        convert_dcp(os.path.join(bench.root, "src"), out)
+
+    def dcp_hf_pieces(out):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+        names = sorted(sd)
+        mapping = {n: 1 + i * 4 // len(names) for i, n in enumerate(names)}  # 4 output files
+        dcp.save(sd, storage_writer=HuggingFaceStorageWriter(out, fqn_to_index_mapping=mapping,
+                                                             save_distributed=True))
+        bench.mapping = mapping
+
+    def consolidate_row(out):
+        from torch.distributed.checkpoint._consolidate_hf_safetensors import (
+            consolidate_safetensors_files_on_every_rank,
+        )
+
+        os.makedirs(out, exist_ok=True)
+        consolidate_safetensors_files_on_every_rank(
+            os.path.join(bench.root, "src"), out, bench.mapping)
+
     rows = {
         "raw write, page cache": raw_writer(share, "cache", raw_buf),
         "raw write + fsync": raw_writer(share, "fsync", raw_buf),
@@ -218,6 +253,8 @@ def main() -> None:
         "rank-0 gather + hub save": rank0_hub_row,
         "DCP FileSystemWriter (not HF)": dcp_row,
         "DCP HF writer + consolidation": dcp_hf_row,
+        "convert: DCP -> HF with convert_dcp": (dcp_source, convert_row),
+        "convert: DCP consolidate on every rank": (dcp_hf_pieces, consolidate_row),
     }
     if args.only:
         keep = [k.strip() for k in args.only.split(",")]
