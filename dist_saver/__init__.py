@@ -1,7 +1,7 @@
 """dist_saver: save PyTorch weights from every rank in parallel into the Hugging Face safetensors
 layout, and load them back per rank."""
 
-from .convert import convert_dcp
+from .convert import convert_dcp, reshard
 from .errors import CheckpointError, DistSaverError, PlanError, SaveError
 from .load import LoadResult, dist_load, load_state_dict
 from .save import SaveResult, dist_save
@@ -13,6 +13,7 @@ __all__ = [
     "load_state_dict",
     "verify",
     "convert_dcp",
+    "reshard",
     "SaveResult",
     "LoadResult",
     "DistSaverError",

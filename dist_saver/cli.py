@@ -2,8 +2,9 @@
 
     dist-saver inspect PATH [--json]   files, ranks, sizes, dtypes, tensors, aliases, completeness
     dist-saver verify PATH [--json]    recompute checksums; exit 1 naming the damaged file
-    dist-saver convert-dcp SRC DST     a PyTorch DCP checkpoint into our layout (under torchrun:
-                                       every rank converts its share in parallel)
+    dist-saver convert-dcp SRC DST     a PyTorch DCP checkpoint into our layout
+    dist-saver reshard SRC DST --max-shard-size 2GB   rewrite a checkpoint with another file split
+                                       (both: under torchrun every rank rewrites its share in parallel)
 
 Exit codes: 0 fine, 1 the checkpoint is incomplete or damaged, 2 bad usage or not a checkpoint.
 """
@@ -57,14 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("path")
         p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = sub.add_parser("convert-dcp", help="convert a PyTorch DCP checkpoint into the HF layout")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--max-shard-size", default=None)
-    p.add_argument("--overwrite", action="store_true")
+    for name, text in (("convert-dcp", "convert a PyTorch DCP checkpoint into the HF layout"),
+                       ("reshard", "rewrite a checkpoint with another max shard size / number of writers")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("src")
+        p.add_argument("dst")
+        p.add_argument("--max-shard-size", default=None)
+        p.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
-    if args.command == "convert-dcp":
-        return _convert(args)
+    if args.command in ("convert-dcp", "reshard"):
+        return _rewrite(args)
     try:
         if args.command == "inspect":
             info = inspect_checkpoint(args.path)
@@ -96,23 +99,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if damaged else 2
 
 
-def _convert(args) -> int:
+def _rewrite(args) -> int:
     import torch.distributed as dist
 
-    from .convert import convert_dcp
+    from .convert import convert_dcp, reshard
     from .errors import DistSaverError
 
     launched = "RANK" in os.environ and not dist.is_initialized()  # under torchrun
     if launched:
         dist.init_process_group("gloo")
     try:
-        result = convert_dcp(args.src, args.dst, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+        fn = convert_dcp if args.command == "convert-dcp" else reshard
+        result = fn(args.src, args.dst, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
         if result.rank == 0:
             print(f"{args.dst}: {len(result.files)} files, {result.total_bytes / 1e9:.3f} GB from "
                   f"{result.world_size} rank(s) in {result.seconds:.2f}s")
         return 0
     except (DistSaverError, OSError, ValueError) as e:
-        print(f"dist-saver convert-dcp: {e}", file=sys.stderr)
+        print(f"dist-saver {args.command}: {e}", file=sys.stderr)
         return 1
     finally:
         if launched:

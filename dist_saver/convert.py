@@ -1,30 +1,53 @@
-"""convert_dcp: a PyTorch DCP checkpoint (e.g. torchtitan's) into our Hugging Face layout, in parallel.
+"""Rewriting checkpoints in parallel: a PyTorch DCP checkpoint (e.g. torchtitan's) into our layout
+(convert_dcp), or one of ours / any HF checkpoint with another file split (reshard).
 
-Every rank reads DCP's metadata, computes the same owner plan as dist_save would, loads only the
-tensors it owns (DCP reads just their pieces from the .distcp files) and writes them into its own
-file(s) once. No single-process consolidation, no second copy on disk.
+Every rank reads the source's metadata, computes the same owner plan as dist_save would, loads only
+the tensors it owns and writes them into its own file(s) once. No single-process consolidation, no
+second copy on disk; memory per rank is the tensors it owns (about 1/N of the model).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Callable
 
 import torch
 
 from . import format as fmt
 from .comm import Comm
 from .plan import TensorInfo, make_plan
+from .reader import ShardFile
 from .save import dist_save
 
 log = logging.getLogger("dist_saver")
+
+
+def _rewrite(tensors: list[TensorInfo], load: Callable[[list[str]], dict], dst: str, process_group,
+             save_kwargs: dict, aliases: dict | None = None):
+    comm = Comm(process_group)
+    owners = make_plan(tensors, comm.world_size).owners()  # the owners dist_save would choose
+    mine = load([t.name for t in tensors if owners[t.name] == comm.rank])
+    for alias, target in (aliases or {}).items():  # tied names travel with their tensor
+        if target in mine:
+            mine[alias] = mine[target]
+    # Each tensor now lives on exactly one rank, so dist_save keeps it there: no bytes move.
+    return dist_save(mine, dst, process_group=process_group, **save_kwargs)
+
+
+def _info(name: str, dtype: torch.dtype, shape) -> TensorInfo:
+    shape = tuple(int(s) for s in shape)
+    nbytes = dtype.itemsize
+    for s in shape:
+        nbytes *= s
+    return TensorInfo(name, fmt.dtype_code(dtype), shape, nbytes)
 
 
 def convert_dcp(src: str | os.PathLike, dst: str | os.PathLike, *, process_group=None, **save_kwargs):
     """Collective: convert the DCP checkpoint at src into a safetensors checkpoint at dst.
 
     Non-tensor entries (DCP "bytes" items such as a step counter) are skipped with a warning.
-    Memory per rank: the tensors it owns (about 1/N of the model). save_kwargs go to dist_save.
+    save_kwargs go to dist_save (max_shard_size, overwrite, ...).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -34,21 +57,38 @@ def convert_dcp(src: str | os.PathLike, dst: str | os.PathLike, *, process_group
     metadata = dcp.FileSystemReader(src).read_metadata()
     tensors, skipped = [], []
     for name, md in metadata.state_dict_metadata.items():
-        if not isinstance(md, TensorStorageMetadata):
+        if isinstance(md, TensorStorageMetadata):
+            tensors.append(_info(name, md.properties.dtype, md.size))
+        else:
             skipped.append(name)
-            continue
-        shape = tuple(md.size)
-        code = fmt.dtype_code(md.properties.dtype)
-        nbytes = md.properties.dtype.itemsize
-        for s in shape:
-            nbytes *= s
-        tensors.append(TensorInfo(name, code, shape, nbytes))
     if skipped and comm.rank == 0:
         log.warning("convert_dcp: skipping %d non-tensor entries: %s", len(skipped), skipped[:10])
-    owners = make_plan(tensors, comm.world_size).owners()  # the owners dist_save would choose
-    mine = {t.name: torch.empty(t.shape, dtype=fmt.torch_dtype(t.dtype)) for t in tensors
-            if owners[t.name] == comm.rank}
-    dcp.load(mine, storage_reader=dcp.FileSystemReader(src), process_group=process_group,
-             no_dist=not comm.active)
-    # Each tensor now lives on exactly one rank, so dist_save keeps it there: no bytes move.
-    return dist_save(mine, dst, process_group=process_group, **save_kwargs)
+    by_name = {t.name: t for t in tensors}
+
+    def load(names):
+        mine = {n: torch.empty(by_name[n].shape, dtype=fmt.torch_dtype(by_name[n].dtype)) for n in names}
+        # collective: every rank calls it, each for its own tensors; DCP reads only their pieces
+        dcp.load(mine, storage_reader=dcp.FileSystemReader(src), process_group=process_group,
+                 no_dist=not comm.active)
+        return mine
+
+    return _rewrite(tensors, load, dst, process_group, save_kwargs)
+
+
+def reshard(src: str | os.PathLike, dst: str | os.PathLike, *, process_group=None, **save_kwargs):
+    """Collective: rewrite the checkpoint at src (ours or any HF one) at dst, e.g. with another
+    max_shard_size or, under torchrun, another number of writers. Tied names are kept."""
+    from .load import load_state_dict
+
+    src, dst = os.fspath(src), os.fspath(dst)
+    index = fmt.read_index(src)
+    tensors: list[tuple[str, int, TensorInfo]] = []
+    for file in sorted(set(index.weight_map.values())):
+        with ShardFile(fmt.safe_member(index.directory, file)) as f:
+            for name in f.names():
+                if index.weight_map.get(name) == file:
+                    dtype, shape, offset = f.info(name)
+                    tensors.append((file, offset, _info(name, dtype, shape)))
+    tensors.sort(key=lambda x: (x[0], x[1]))  # on-disk order: neighbours stay together
+    return _rewrite([t for _, _, t in tensors], lambda names: load_state_dict(src, names), dst,
+                    process_group, save_kwargs, index.aliases)

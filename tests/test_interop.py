@@ -111,3 +111,30 @@ def test_convert_dcp_in_parallel(tmp_path):
     # and without torchrun, from the command line
     assert main(["convert-dcp", src, str(tmp_path / "hf1")]) == 0
     assert_bitwise_equal(load_state_dict(tmp_path / "hf1"), expected)
+
+
+def _reshard(rank, world, src, dst):
+    from dist_saver import reshard
+
+    return sorted(f.name for f in reshard(src, dst, max_shard_size="40KB").my_files)
+
+
+def test_reshard_in_parallel_keeps_bytes_and_ties(tmp_path):
+    from dist_saver import load_state_dict
+    from dist_saver.cli import main
+    from dist_saver.synthetic import TinyLlama
+
+    from .helpers import assert_bitwise_equal, check_checkpoint_files
+
+    src, dst = str(tmp_path / "one"), str(tmp_path / "many")
+    model = TinyLlama(**DIMS, seed=6)  # tied embeddings
+    dist_save(model, src)  # one file, one writer
+    mine = run_ranks(_reshard, 2, src, dst)
+    assert len(mine[0]) > 1 and len(mine[1]) > 1 and not set(mine[0]) & set(mine[1])
+    index = check_checkpoint_files(dst)
+    assert index["metadata"]["dist_saver"]["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    back = load_state_dict(dst)
+    assert_bitwise_equal(back, model.state_dict())
+    assert back["lm_head.weight"] is back["model.embed_tokens.weight"]
+    assert main(["reshard", dst, str(tmp_path / "again"), "--max-shard-size", "1GB"]) == 0
+    assert_bitwise_equal(load_state_dict(tmp_path / "again"), model.state_dict())
