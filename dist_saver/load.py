@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 
 from . import format as fmt
-from .comm import Comm
+from .comm import Comm, describe_error, raise_if_failed
 from .errors import CheckpointError
 from .layout import layout_of
 from .reader import ShardFile
@@ -101,13 +101,20 @@ def dist_load(
         _load_into(as_state_dict(model_or_state_dict), path, strict, result, verify)
     except Exception as e:
         error = e
-    if comm.world_size > 1:
-        comm.agree(error, f"loading {path}", CheckpointError)
-    elif error is not None:
-        raise error
     result.seconds = time.perf_counter() - t0
-    log.debug("rank %d loaded %d tensors (%d bytes) from %d files in %.2fs", comm.rank,
-              len(result.loaded), result.bytes_read, len(result.files_opened), result.seconds)
+    if comm.world_size == 1 and error is not None:
+        raise error
+    # One collective: every rank learns of any error, and rank 0 of everyone's figures.
+    reports = comm.all_gather_object(
+        (describe_error(error), result.bytes_read, len(result.files_opened), result.seconds))
+    raise_if_failed([r[0] for r in reports], f"loading {path}", CheckpointError)
+    if comm.rank == 0:
+        total = sum(r[1] for r in reports)
+        slowest = max(range(len(reports)), key=lambda r: reports[r][3])
+        seconds = reports[slowest][3]
+        log.info("loaded %s: %.3f GB read by %d rank(s) from %d file opens in %.2fs (%.2f GB/s), "
+                 "slowest rank %d", path, total / 1e9, len(reports), sum(r[2] for r in reports), seconds,
+                 total / seconds / 1e9 if seconds > 0 else 0.0, slowest)
     return result
 
 

@@ -168,3 +168,15 @@ def test_parse_size():
     for bad in ("0", "-1GB", "5 parsecs", 0):
         with pytest.raises(ValueError):
             fmt.parse_size(bad)
+
+
+def test_one_summary_line_per_save_and_load(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="dist_saver")
+    dist_save({"a": torch.ones(1000)}, tmp_path / "c")
+    dist_load({"a": torch.zeros(1000)}, tmp_path / "c")
+    lines = [r.getMessage() for r in caplog.records if r.name == "dist_saver"]
+    assert len(lines) == 2
+    assert lines[0].startswith(f"saved {tmp_path / 'c'}: ") and "1 files from 1 rank(s)" in lines[0]
+    assert lines[1].startswith(f"loaded {tmp_path / 'c'}: ") and "slowest rank 0" in lines[1]
