@@ -45,6 +45,7 @@ class Chunk:
 class Schedule:
     # name -> its chunks, in order; tensors not here are written from the owner's own memory
     chunks: dict[str, list[Chunk]] = field(default_factory=dict)
+    boxes: dict[str, dict[int, Box]] = field(default_factory=dict)  # name -> group rank -> its box
     rounds: int = 0
 
 
@@ -75,6 +76,7 @@ def make_schedule(
                     )
                 if boxes.get(rank) == (tuple(0 for _ in shape), tuple(shape)):
                     continue  # the owner holds it whole (replicated)
+                sched.boxes[entry.name] = boxes
                 chunks = []
                 for lo, hi, nbytes in _row_chunks(shape, fmt.itemsize(entry.dtype), boxes, bucket_bytes):
                     if used and used + nbytes > bucket_bytes:
@@ -143,17 +145,13 @@ def _local_slice(local: torch.Tensor, box: Box, piece: Piece) -> torch.Tensor:
 class Exchanger:
     """Runs the rounds of a Schedule for one rank; the writer pulls assembled chunks from it."""
 
-    def __init__(self, sched: Schedule, comm, local: Mapping[str, torch.Tensor], shapes, layouts,
+    def __init__(self, sched: Schedule, comm, local: Mapping[str, torch.Tensor], shapes,
                  dtypes: Mapping[str, str], bucket_bytes: int):
         self.sched, self.comm, self.local = sched, comm, local
         self.rank = comm.rank
         self.done_rounds = 0
         self.dtypes, self.shapes = dtypes, shapes
-        self.my_boxes: dict[str, Box] = {}
-        for name in sched.chunks:
-            for r, b in rank_boxes(shapes[name], *layouts[name]).items():
-                if comm.group_rank(r) == self.rank:
-                    self.my_boxes[name] = b
+        self.my_boxes = {name: boxes[self.rank] for name, boxes in sched.boxes.items() if self.rank in boxes}
         # every piece this rank sends or receives, by round, in the agreed order
         self.send: list[list[tuple[int, str, Piece]]] = [[] for _ in range(sched.rounds)]
         self.recv: list[list[tuple[int, str, int, Piece]]] = [[] for _ in range(sched.rounds)]

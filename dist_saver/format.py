@@ -170,11 +170,7 @@ def write_text_durable(path: str, text: str) -> None:
 def write_json_atomic(path: str, doc: dict) -> None:
     """Write to a temp name, fsync, rename, fsync the directory: readers see all or nothing."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    write_text_durable(tmp, json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")
 

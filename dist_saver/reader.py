@@ -10,6 +10,7 @@ contiguous CPU target is filled without an intermediate copy.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from typing import Sequence
 
@@ -41,11 +42,8 @@ class ShardFile:
         """Every entry fits the file, and no two entries share bytes."""
         spans = []
         for name in self.names():
-            dtype, shape, start = self.info(name)
-            n = dtype.itemsize
-            for s in shape:
-                n *= s
-            spans.append((start, start + n, name))
+            dtype, shape, start = self.info(name)  # checks end - begin == the tensor's bytes
+            spans.append((start, start + dtype.itemsize * math.prod(shape), name))
         spans.sort()
         for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
             if b0 < a1:

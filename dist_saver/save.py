@@ -128,7 +128,6 @@ class _Prepared:
     local: object  # LocalState
     infos: list
     plan: Plan
-    layouts: dict
     sched: object  # exchange.Schedule
 
     def tensors_read_by(self, rank: int) -> set[str]:
@@ -159,7 +158,7 @@ def _prepare(local, error, comm: Comm, opts: _Options) -> _Prepared:
                 layouts[m.name] = layouts.get(m.name, ()) + (m.layout,)
     shapes = {i.name: i.shape for i in infos}
     sched = make_schedule(plan, shapes, layouts, comm.group_rank, opts.bucket_bytes)
-    return _Prepared(local, infos, plan, layouts, sched)
+    return _Prepared(local, infos, plan, sched)
 
 
 def _write_and_commit(prep: _Prepared, path: str, comm: Comm, opts: _Options, t0: float) -> SaveResult:
@@ -186,7 +185,7 @@ def _write_and_commit(prep: _Prepared, path: str, comm: Comm, opts: _Options, t0
 
 def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opts: _Options,
                   t0: float) -> SaveResult:
-    local, plan, sched, layouts = prep.local, prep.plan, prep.sched, prep.layouts
+    local, plan, sched = prep.local, prep.plan, prep.sched
     shapes = {i.name: i.shape for i in prep.infos}
     dtypes = {i.name: i.dtype for i in prep.infos}
     path = target.path
@@ -198,7 +197,7 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opt
     try:
         cuda = any(t.device.type == "cuda" for t in local.tensors.values())
         streamer = Streamer(cuda=cuda, checksums=opts.checksums, direct_io=opts.direct_io)
-        exchanger = Exchanger(sched, comm, local.tensors, shapes, layouts, dtypes, opts.bucket_bytes)
+        exchanger = Exchanger(sched, comm, local.tensors, shapes, dtypes, opts.bucket_bytes)
 
         def blocks_of(name):
             if name in sched.chunks:
