@@ -1,9 +1,10 @@
 """dist_saver: save PyTorch weights from every rank in parallel into the Hugging Face safetensors
 layout, and load them back per rank."""
 
-from .convert import convert_dcp, reshard
+from .convert import convert_dcp, convert_legacy, reshard
 from .errors import CheckpointError, DistSaverError, PlanError, SaveError
 from .load import LoadResult, dist_load, load_state_dict
+from .hub import push_to_hub
 from .save import SaveResult, dist_save
 from .verify import verify
 
@@ -14,6 +15,8 @@ __all__ = [
     "verify",
     "convert_dcp",
     "reshard",
+    "convert_legacy",
+    "push_to_hub",
     "SaveResult",
     "LoadResult",
     "DistSaverError",

@@ -4,7 +4,9 @@
     dist-saver verify PATH [--json]    recompute checksums; exit 1 naming the damaged file
     dist-saver convert-dcp SRC DST     a PyTorch DCP checkpoint into our layout
     dist-saver reshard SRC DST --max-shard-size 2GB   rewrite a checkpoint with another file split
-                                       (both: under torchrun every rank rewrites its share in parallel)
+    dist-saver convert-legacy SRC DST  pytorch_model.bin checkpoint (weights-only) into our layout
+                                       (these three: under torchrun every rank rewrites its share in parallel)
+    dist-saver push PATH REPO          upload a complete checkpoint to a Hugging Face Hub model repo
 
 Exit codes: 0 fine, 1 the checkpoint is incomplete or damaged, 2 bad usage or not a checkpoint.
 """
@@ -19,7 +21,7 @@ from collections import Counter
 
 from . import format as fmt
 from .errors import CheckpointError
-from .reader import ShardFile
+from .reader import open_weights
 from .verify import verify
 
 
@@ -33,9 +35,10 @@ def inspect_checkpoint(path: str) -> dict:
         entry = {"file": name, "rank": (recorded.get(name) or {}).get("rank"), "present": False}
         full = fmt.safe_member(index.directory, name)
         if os.path.isfile(full):
-            with ShardFile(full) as f:
+            with open_weights(full) as f:
                 names = f.names()
-                dtypes = Counter(f.header[n]["dtype"] for n in names)
+                dtypes = Counter(str(f.info(n)[0]).removeprefix("torch.") if fmt.is_legacy_file(name)
+                                 else fmt.dtype_code(f.info(n)[0]) for n in names)
             entry.update(present=True, size=os.path.getsize(full), tensors=len(names), dtypes=dict(dtypes),
                          checksum=(recorded.get(name) or {}).get("checksum"))
         files.append(entry)
@@ -59,15 +62,24 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("path")
         p.add_argument("--json", action="store_true", help="machine-readable output")
     for name, text in (("convert-dcp", "convert a PyTorch DCP checkpoint into the HF layout"),
-                       ("reshard", "rewrite a checkpoint with another max shard size / number of writers")):
+                       ("reshard", "rewrite a checkpoint with another max shard size / number of writers"),
+                       ("convert-legacy", "convert a pytorch_model.bin checkpoint into the HF safetensors layout")):
         p = sub.add_parser(name, help=text)
         p.add_argument("src")
         p.add_argument("dst")
         p.add_argument("--max-shard-size", default=None)
         p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("push", help="upload a complete checkpoint to a Hugging Face Hub model repo")
+    p.add_argument("path")
+    p.add_argument("repo", help="org/name")
+    p.add_argument("--private", action="store_true", help="create the repo private if it is new")
+    p.add_argument("--revision", default=None, help="branch to commit to")
+    p.add_argument("--message", default=None, help="commit message")
     args = ap.parse_args(argv)
-    if args.command in ("convert-dcp", "reshard"):
+    if args.command in ("convert-dcp", "reshard", "convert-legacy"):
         return _rewrite(args)
+    if args.command == "push":
+        return _push(args)
     try:
         if args.command == "inspect":
             info = inspect_checkpoint(args.path)
@@ -102,14 +114,14 @@ def main(argv: list[str] | None = None) -> int:
 def _rewrite(args) -> int:
     import torch.distributed as dist
 
-    from .convert import convert_dcp, reshard
+    from .convert import convert_dcp, convert_legacy, reshard
     from .errors import DistSaverError
 
     launched = "RANK" in os.environ and not dist.is_initialized()  # under torchrun
     if launched:
         dist.init_process_group("gloo")
     try:
-        fn = convert_dcp if args.command == "convert-dcp" else reshard
+        fn = {"convert-dcp": convert_dcp, "reshard": reshard, "convert-legacy": convert_legacy}[args.command]
         result = fn(args.src, args.dst, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
         if result.rank == 0:
             print(f"{args.dst}: {len(result.files)} files, {result.total_bytes / 1e9:.3f} GB from "
@@ -125,3 +137,22 @@ def _rewrite(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _push(args) -> int:
+    from .hub import push_to_hub
+
+    try:
+        info = push_to_hub(args.path, args.repo, private=args.private or None, revision=args.revision,
+                           commit_message=args.message)
+    except CheckpointError as e:
+        print(f"dist-saver push: {e}", file=sys.stderr)
+        return 1 if "missing" in str(e) else 2
+    except ImportError as e:
+        print(f"dist-saver push: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the Hub's errors (auth, network): a failed upload, not bad usage
+        print(f"dist-saver push: upload to {args.repo} failed: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.path}: pushed to {args.repo} ({getattr(info, 'commit_url', info)})")
+    return 0

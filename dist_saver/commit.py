@@ -46,12 +46,17 @@ def check_written(plan: Plan, written: Sequence[WrittenFile]) -> None:
                         + "\n  ".join(problems[:20]))
 
 
-def write_index(directory: str, plan: Plan, written: Sequence[WrittenFile]) -> str:
-    """Write model.safetensors.index.json (atomically) from what the ranks report they wrote."""
+def write_index(directory: str, plan: Plan, written: Sequence[WrittenFile], extra_files: Sequence[str] = ()) -> str:
+    """Write model.safetensors.index.json (atomically) from what the ranks report they wrote.
+
+    extra_files: the names saved beside the weights (config, tokenizer), recorded so that a later
+    save with overwrite=True knows the directory holds nothing but ours.
+    """
     check_written(plan, written)
     files = {w.name: {"rank": w.rank, "size": w.size, "checksum": w.checksum}
              for w in sorted(written, key=lambda w: w.name)}
-    extra = {"world_size": plan.world_size, "files": files, "aliases": dict(sorted(plan.aliases.items()))}
+    extra = {"world_size": plan.world_size, "files": files, "aliases": dict(sorted(plan.aliases.items())),
+             "extra_files": sorted(extra_files)}
     doc = fmt.index_document(plan.weight_map(), plan.total_size, extra)
     path = os.path.join(directory, fmt.INDEX_NAME)
     fmt.write_json_atomic(path, doc)

@@ -17,7 +17,8 @@ import torch
 from . import format as fmt
 from .comm import Comm
 from .plan import TensorInfo, make_plan
-from .reader import ShardFile
+from .errors import CheckpointError
+from .reader import open_weights
 from .save import dist_save
 
 log = logging.getLogger("dist_saver")
@@ -76,19 +77,36 @@ def convert_dcp(src: str | os.PathLike, dst: str | os.PathLike, *, process_group
 
 
 def reshard(src: str | os.PathLike, dst: str | os.PathLike, *, process_group=None, **save_kwargs):
-    """Collective: rewrite the checkpoint at src (ours or any HF one) at dst, e.g. with another
-    max_shard_size or, under torchrun, another number of writers. Tied names are kept."""
+    """Collective: rewrite the checkpoint at src (ours or any HF one, safetensors or legacy .bin)
+    at dst, e.g. with another max_shard_size or, under torchrun, another number of writers.
+    Tied names are kept (and stored once)."""
     from .load import load_state_dict
 
     src, dst = os.fspath(src), os.fspath(dst)
     index = fmt.read_index(src)
+    aliases = dict(index.aliases)
     tensors: list[tuple[str, int, TensorInfo]] = []
     for file in sorted(set(index.weight_map.values())):
-        with ShardFile(fmt.safe_member(index.directory, file)) as f:
+        with open_weights(fmt.safe_member(index.directory, file)) as f:
+            ties = f.ties()
             for name in f.names():
-                if index.weight_map.get(name) == file:
-                    dtype, shape, offset = f.info(name)
-                    tensors.append((file, offset, _info(name, dtype, shape)))
+                if index.weight_map.get(name) != file:
+                    continue
+                if ties.get(name, name) != name and index.weight_map.get(ties[name]) == file:
+                    aliases[name] = ties[name]  # the same tensor under two names: store it once
+                    continue
+                dtype, shape, offset = f.info(name)
+                tensors.append((file, offset, _info(name, dtype, shape)))
     tensors.sort(key=lambda x: (x[0], x[1]))  # on-disk order: neighbours stay together
     return _rewrite([t for _, _, t in tensors], lambda names: load_state_dict(src, names), dst,
-                    process_group, save_kwargs, index.aliases)
+                    process_group, save_kwargs, aliases)
+
+
+def convert_legacy(src: str | os.PathLike, dst: str | os.PathLike, *, process_group=None, **save_kwargs):
+    """Collective: rewrite a legacy checkpoint (pytorch_model.bin, or shards listed in
+    pytorch_model.bin.index.json; read with weights_only=True) into our safetensors layout.
+    The legacy files are read through memory maps; each rank reads only the tensors it writes."""
+    index = fmt.read_index(os.fspath(src))
+    if not all(fmt.is_legacy_file(f) for f in index.weight_map.values()):
+        raise CheckpointError(f"{index.directory}: already a safetensors checkpoint; use reshard to rewrite it")
+    return reshard(src, dst, process_group=process_group, **save_kwargs)

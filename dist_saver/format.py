@@ -20,6 +20,10 @@ INDEX_NAME = "model.safetensors.index.json"
 # save_pretrained's files that a checkpoint of ours may carry beside the weights
 OWN_EXTRA_FILES = ("config.json", "generation_config.json")
 SINGLE_NAME = "model.safetensors"
+# Legacy torch.save weights: read (weights-only), never written.
+LEGACY_INDEX_NAME = "pytorch_model.bin.index.json"
+LEGACY_SINGLE_NAME = "pytorch_model.bin"
+LEGACY_SUFFIXES = (".bin", ".pt", ".pth")
 # Key under the index's "metadata" that marks a checkpoint as ours and carries our extras.
 META_KEY = "dist_saver"
 FORMAT_VERSION = 1
@@ -160,9 +164,9 @@ def index_document(weight_map: Mapping[str, str], total_size: int, extra: Mappin
     }
 
 
-def write_text_durable(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
+def write_durable(path: str, data: str | bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
 
@@ -170,7 +174,7 @@ def write_text_durable(path: str, text: str) -> None:
 def write_json_atomic(path: str, doc: dict) -> None:
     """Write to a temp name, fsync, rename, fsync the directory: readers see all or nothing."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    write_text_durable(tmp, json.dumps(doc, indent=2) + "\n")
+    write_durable(tmp, json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")
 
@@ -194,33 +198,47 @@ class CheckpointIndex:
 
 
 def read_index(path: str) -> CheckpointIndex:
-    """Locate the tensors of a checkpoint directory (or a single .safetensors file)."""
-    if os.path.isfile(path) and path.endswith(".safetensors"):
-        directory, single = os.path.dirname(path) or ".", os.path.basename(path)
-    else:
-        directory, single = path, None
-        index_path = os.path.join(path, INDEX_NAME)
-        if os.path.isfile(index_path):
-            try:
-                with open(index_path) as f:
-                    doc = json.load(f)
-                weight_map = dict(doc["weight_map"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index_path}: not a valid index: {e!r}") from None
-            ours = (doc.get("metadata") or {}).get(META_KEY)
-            aliases = dict((ours or {}).get("aliases", {}))
-            for file in set(weight_map.values()):
-                safe_member(directory, file)
-            return CheckpointIndex(directory, weight_map, aliases, ours)
-        if os.path.isfile(os.path.join(path, SINGLE_NAME)):
-            single = SINGLE_NAME
-        elif not os.path.isdir(path):
-            raise CheckpointError(f"{path}: no such checkpoint directory")
-        else:
-            raise CheckpointError(f"{path}: no {INDEX_NAME} or {SINGLE_NAME}: not a complete checkpoint")
-    header, _ = read_header(os.path.join(directory, single))
-    names = [k for k in header if k != "__metadata__"]
-    return CheckpointIndex(directory, {n: single for n in names}, {}, None)
+    """Locate the tensors of a checkpoint directory or single weights file.
+
+    Looks for, in this order (as transformers does): model.safetensors.index.json,
+    model.safetensors, pytorch_model.bin.index.json, pytorch_model.bin.
+    """
+    if os.path.isfile(path) and path.endswith((".safetensors",) + LEGACY_SUFFIXES):
+        return _single(os.path.dirname(path) or ".", os.path.basename(path))
+    for name in (INDEX_NAME, SINGLE_NAME, LEGACY_INDEX_NAME, LEGACY_SINGLE_NAME):
+        if os.path.isfile(os.path.join(path, name)):
+            return _indexed(path, name) if name.endswith(".json") else _single(path, name)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    raise CheckpointError(f"{path}: no {INDEX_NAME}, {SINGLE_NAME}, {LEGACY_INDEX_NAME} or "
+                          f"{LEGACY_SINGLE_NAME}: not a complete checkpoint")
+
+
+def _indexed(directory: str, name: str) -> CheckpointIndex:
+    index_path = os.path.join(directory, name)
+    try:
+        with open(index_path) as f:
+            doc = json.load(f)
+        weight_map = dict(doc["weight_map"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid index: {e!r}") from None
+    ours = (doc.get("metadata") or {}).get(META_KEY) if name == INDEX_NAME else None
+    aliases = dict((ours or {}).get("aliases", {}))
+    for file in set(weight_map.values()):
+        safe_member(directory, file)
+    return CheckpointIndex(directory, weight_map, aliases, ours)
+
+
+def _single(directory: str, name: str) -> CheckpointIndex:
+    from .reader import open_weights  # the file itself lists its tensors
+
+    with open_weights(os.path.join(directory, name)) as f:
+        names = f.names()
+    return CheckpointIndex(directory, {n: name for n in names}, {}, None)
+
+
+def is_legacy_file(name: str) -> bool:
+    return name.endswith(LEGACY_SUFFIXES)
 
 
 def safe_member(directory: str, name: str) -> str:
@@ -240,16 +258,19 @@ def safe_member(directory: str, name: str) -> str:
 
 
 def looks_like_our_checkpoint(directory: str) -> bool:
-    """True if every entry is an index of ours, its temp files, or a shard file name we write."""
-    index_path = os.path.join(directory, INDEX_NAME)
-    if os.path.isfile(index_path):
+    """True if every entry is an index of ours, its temp files, a shard file name we write, or a
+    file our index lists as saved beside the weights."""
+    ours = None
+    if os.path.isfile(os.path.join(directory, INDEX_NAME)):
         try:
-            if read_index(directory).ours is None:
-                return False
+            ours = read_index(directory).ours
         except CheckpointError:
             return False
+        if ours is None:
+            return False
+    listed = set((ours or {}).get("extra_files", ()))  # config, tokenizer... saved with the weights
     for name in os.listdir(directory):
         if not (name == INDEX_NAME or name.startswith(INDEX_NAME + ".tmp") or is_shard_file_name(name)
-                or name in OWN_EXTRA_FILES):
+                or name in OWN_EXTRA_FILES or name in listed):
             return False
     return True

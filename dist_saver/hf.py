@@ -1,9 +1,16 @@
-"""Hugging Face transformers conventions: the files save_pretrained writes beside the weights."""
+"""Hugging Face transformers conventions: the files save_pretrained writes beside the weights
+(model config, tokenizer, processor), gathered as {name: bytes} for the commit to stage."""
 
 from __future__ import annotations
 
-def model_files(model) -> dict[str, str]:
-    """{file name: text} of a transformers PreTrainedModel's config files, taken now.
+import os
+import tempfile
+
+from . import format as fmt
+
+
+def model_files(model) -> dict[str, bytes]:
+    """{file name: content} of a transformers PreTrainedModel's config files, taken now.
 
     Duck-typed (config.to_json_string), so transformers stays an optional dependency; a plain
     nn.Module or state dict gives {}.
@@ -11,9 +18,43 @@ def model_files(model) -> dict[str, str]:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string") or not hasattr(model, "state_dict"):
         return {}
-    out = {"config.json": config.to_json_string()}
+    out = {"config.json": config.to_json_string().encode()}
     generation = getattr(model, "generation_config", None)
     can_generate = getattr(model, "can_generate", lambda: False)
     if generation is not None and hasattr(generation, "to_json_string") and can_generate():
-        out["generation_config.json"] = generation.to_json_string()
+        out["generation_config.json"] = generation.to_json_string().encode()
+    return out
+
+
+def saved_files(obj, role: str) -> dict[str, bytes]:
+    """{file name: content} that obj.save_pretrained writes (a tokenizer, a processor), taken now:
+    an async save must not see later changes, and the commit then only copies bytes."""
+    if not callable(getattr(obj, "save_pretrained", None)):
+        raise TypeError(f"{role} is a {type(obj).__name__}, which has no save_pretrained()")
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="dist_saver-") as tmp:
+        obj.save_pretrained(tmp)
+        for name in sorted(os.listdir(tmp)):
+            full = os.path.join(tmp, name)
+            if not os.path.isfile(full) or os.path.islink(full):
+                raise ValueError(f"{role}.save_pretrained wrote {name!r}, which is not a plain file; "
+                                 "dist_save only stages plain files")
+            with open(full, "rb") as f:
+                out[name] = f.read()
+    return out
+
+
+def extra_files(model, tokenizer=None, processor=None) -> dict[str, bytes]:
+    """Everything rank 0 stages beside the weights: the model's config, then the tokenizer's and
+    the processor's files (a processor's tokenizer_config.json, which names the processor class,
+    wins over a tokenizer's own)."""
+    out = model_files(model)
+    for obj, role in ((tokenizer, "tokenizer"), (processor, "processor")):
+        if obj is not None:
+            out.update(saved_files(obj, role))
+    for name in out:
+        if (name.startswith(".") or fmt.is_shard_file_name(name) or fmt.is_legacy_file(name)
+                or name in (fmt.INDEX_NAME, fmt.SINGLE_NAME, fmt.LEGACY_INDEX_NAME)):
+            raise ValueError(f"refusing to stage {name!r} beside the weights: dist_save writes "
+                             "the weights and their index itself")
     return out

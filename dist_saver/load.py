@@ -14,7 +14,7 @@ from . import format as fmt
 from .comm import Comm, describe_error, raise_if_failed
 from .errors import CheckpointError
 from .layout import layout_of
-from .reader import ShardFile
+from .reader import open_weights
 from .state import alias_key, as_state_dict
 from .buffers import StagingBuffer
 from .verify import verify as verify_files
@@ -46,11 +46,11 @@ def _by_file(index: fmt.CheckpointIndex, stored: Iterable[str]) -> dict[str, lis
     return out
 
 
-def open_shard(index: fmt.CheckpointIndex, file: str) -> ShardFile:
+def open_shard(index: fmt.CheckpointIndex, file: str):
     path = fmt.safe_member(index.directory, file)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: shard file missing")
-    return ShardFile(path)
+    return open_weights(path)
 
 
 def load_state_dict(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:

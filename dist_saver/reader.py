@@ -21,6 +21,15 @@ from .errors import CheckpointError
 from .buffers import StagingBuffer, as_bytes
 
 
+def open_weights(path: str):
+    """A reader for one weights file: ShardFile for safetensors, LegacyFile for torch.save'd ones."""
+    if fmt.is_legacy_file(path):
+        from .legacy import LegacyFile
+
+        return LegacyFile(path)
+    return ShardFile(path)
+
+
 class ShardFile:
     """One open safetensors file: its validated header and positioned reads into tensors."""
 
@@ -60,6 +69,10 @@ class ShardFile:
 
     def names(self) -> list[str]:
         return [k for k in self.header if k != "__metadata__"]
+
+    def ties(self) -> dict[str, str]:
+        """Entries that are one tensor: none, since no two entries may share bytes (checked)."""
+        return {}
 
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...], int]:
         """(dtype, shape, absolute file offset) of a tensor, checked against the file."""

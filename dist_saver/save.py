@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from . import format as fmt
 from .comm import Comm, describe_error, raise_if_failed, save_group
 from .commit import Target, write_index
-from .hf import model_files
+from .errors import SaveError
+from .hf import extra_files
 from .exchange import DEFAULT_BUCKET_BYTES, Exchanger, make_schedule
 from .plan import Plan, make_plan, merge_metadata
 from .snapshot import snapshot
@@ -55,6 +56,9 @@ def dist_save(
     timeout: float = 600.0,
     checksums: bool = True,
     direct_io: bool = True,
+    tokenizer=None,
+    processor=None,
+    push_to_hub: str | None = None,
 ):
     """Save on every rank of the group into one Hugging Face safetensors checkpoint at path.
 
@@ -80,20 +84,28 @@ def dist_save(
     raise within it instead of hanging. checksums: record each file's xxh3-64 (computed while
     writing) in the index, for verify(). direct_io=False writes through the page cache (then
     fsyncs) instead of O_DIRECT; which is faster depends on the disk (see the save benchmark).
+
+    tokenizer, processor: anything with save_pretrained (rank 0's are used; other ranks may pass
+    None): their files are taken at the call and published with the weights, in the same atomic
+    publish. push_to_hub="org/name": after the publish, rank 0 uploads the directory to that Hub
+    repo (huggingface_hub; see push_to_hub()); only rank 0 waits for the upload, and an upload
+    error is raised on rank 0 only (the checkpoint on disk is complete either way).
     """
     wait_for_pending_save()
     t0 = time.perf_counter()
     path = os.fspath(path)
     comm = Comm(save_group(process_group, timeout))
-    opts = _Options(fmt.parse_size(max_shard_size), fmt.parse_size(bucket_size), overwrite, checksums, direct_io,
-                    tuple(model_files(model_or_state_dict).items()) if comm.rank == 0 else ())
 
     # 1. Describe local tensors (no communication yet; an error is shared in the first gather).
-    local, error = None, None
+    local, error, extra = None, None, {}
     try:
+        if comm.rank == 0:  # taken now: an async save must not see later changes
+            extra = extra_files(model_or_state_dict, tokenizer, processor)
         local = collect(model_or_state_dict)
     except Exception as e:
         error = e
+    opts = _Options(fmt.parse_size(max_shard_size), fmt.parse_size(bucket_size), overwrite, checksums, direct_io,
+                    tuple(extra.items()), push_to_hub)
     if not async_save:
         prep = _prepare(local, error, comm, opts)
         return _write_and_commit(prep, path, comm, opts, t0)
@@ -118,7 +130,8 @@ class _Options:
     overwrite: bool
     checksums: bool
     direct_io: bool
-    extra_files: tuple = ()  # (name, text): config.json etc., written by rank 0 into the staging dir
+    extra_files: tuple = ()  # (name, bytes): config.json, tokenizer files..., staged by rank 0
+    push_to_hub: str | None = None
 
 
 @dataclass
@@ -142,7 +155,7 @@ class _Prepared:
 def _prepare(local, error, comm: Comm, opts: _Options) -> _Prepared:
     """Steps 1b-2: share the descriptions, then plan and schedule (the same on every rank)."""
     payload = (local.metas, local.aliases) if local is not None else None
-    groups = comm.gather_deduplicated(payload, error, "describing the state dict")
+    groups = comm.gather_deduplicated(payload, error, "describing what to save (state dict, config, tokenizer)")
 
     # 2. The same plan everywhere (pure; a mismatch raises the same PlanError on every rank).
     infos, aliases = merge_metadata(
@@ -223,9 +236,9 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opt
     error, index_path = None, os.path.join(path, fmt.INDEX_NAME)
     if comm.rank == 0:
         try:
-            for name, text in opts.extra_files:
-                fmt.write_text_durable(os.path.join(staging, name), text)
-            write_index(staging, plan, all_written)
+            for name, data in opts.extra_files:
+                fmt.write_durable(os.path.join(staging, name), data)
+            write_index(staging, plan, all_written, [name for name, _ in opts.extra_files])
             target.publish()
         except Exception as e:
             error = e
@@ -242,4 +255,14 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opt
             path, result.total_bytes / 1e9, len(all_written), comm.world_size, result.seconds,
             result.gb_per_s, f", slowest rank {slowest.rank}" if slowest else "",
         )
+        # After the publish, so the Hub gets only a complete checkpoint; the lock is still held,
+        # so no other save replaces the directory during the upload.
+        if opts.push_to_hub:
+            from .hub import push_to_hub
+
+            try:
+                push_to_hub(path, opts.push_to_hub)
+            except Exception as e:
+                raise SaveError(f"{path} is saved and complete, but pushing it to {opts.push_to_hub} "
+                                f"failed on rank 0: {describe_error(e)}") from e
     return result

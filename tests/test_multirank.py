@@ -69,17 +69,17 @@ def _subset_load(rank, world, path):
     import dist_saver.load as load_mod
 
     opened = []
-    real_open = load_mod.ShardFile
+    real_open = load_mod.open_weights
 
     def spy(path, *a, **kw):
         opened.append(os.path.basename(path))
         return real_open(path, *a, **kw)
 
-    load_mod.ShardFile = spy
+    load_mod.open_weights = spy
     try:
         res = dist_load(target, path, strict=False)
     finally:
-        load_mod.ShardFile = real_open
+        load_mod.open_weights = real_open
     assert_bitwise_equal(target, {k: full[k] for k in wanted})
     return wanted, sorted(opened), sorted(res.files_opened)
 

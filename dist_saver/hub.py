@@ -1,0 +1,63 @@
+"""Uploading a published checkpoint directory to the Hugging Face Hub (huggingface_hub, optional).
+
+Only the checkpoint's own files go up: the index, every file it names, and the files saved beside
+them (config, tokenizer, processor). Hidden entries (our staging, lock and previous copies are
+hidden siblings, never inside) and anything else are left out. Untested against the live Hub:
+the tests replace huggingface_hub's HfApi in-process.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+
+from . import format as fmt
+from .errors import CheckpointError
+
+log = logging.getLogger("dist_saver")
+
+# Weight files in the repo that our upload replaces: a stale model.safetensors (or old shards)
+# would shadow or confuse the new index, so the same commit deletes those it does not upload.
+STALE_PATTERNS = [fmt.SINGLE_NAME, "model-*-of-*.safetensors", fmt.LEGACY_SINGLE_NAME,
+                  fmt.LEGACY_INDEX_NAME, "pytorch_model-*-of-*.bin"]
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The files of the complete checkpoint at path that an upload takes, sorted."""
+    index = fmt.read_index(path)
+    weights = set(index.weight_map.values())
+    for name in weights:
+        if not os.path.isfile(fmt.safe_member(index.directory, name)):
+            raise CheckpointError(f"{index.directory}/{name}: shard file missing; not uploading an "
+                                  "incomplete checkpoint")
+    others = {n for n in os.listdir(index.directory)
+              if not n.startswith(".") and os.path.isfile(os.path.join(index.directory, n))
+              and not os.path.islink(os.path.join(index.directory, n))}
+    # Weight files the index does not name are leftovers (another tool's, an older split).
+    others = {n for n in others if not (fmt.is_shard_file_name(n) or fmt.is_legacy_file(n)
+                                        or n.endswith(".safetensors")) or n in weights}
+    return sorted(weights | others)
+
+
+def push_to_hub(path: str | os.PathLike, repo_id: str, *, token: str | None = None,
+                private: bool | None = None, revision: str | None = None,
+                commit_message: str | None = None):
+    """Upload the checkpoint directory at path to the Hub model repo repo_id in one commit
+    (created if missing); weight files from an earlier upload that this one does not carry are
+    deleted in the same commit. Returns huggingface_hub's CommitInfo."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise ImportError("push_to_hub needs huggingface_hub: pip install 'dist-saver[hf]'") from None
+    path = os.path.abspath(os.fspath(path))
+    files = checkpoint_files(path)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    log.info("pushing %s (%d files) to %s", path, len(files), repo_id)
+    return api.upload_folder(
+        repo_id=repo_id, repo_type="model", folder_path=path, revision=revision,
+        allow_patterns=[glob.escape(f) for f in files],  # these files exactly
+        delete_patterns=STALE_PATTERNS,
+        commit_message=commit_message or f"Upload checkpoint ({len(files)} files) with dist_saver",
+    )

@@ -1,0 +1,111 @@
+"""Reading legacy PyTorch weights (pytorch_model.bin, or shards listed in pytorch_model.bin.index.json).
+
+We read this format, never write it. torch.load(weights_only=True) refuses to unpickle anything
+but tensors and plain containers, so a hostile file cannot run code; mmap=True maps the storages,
+so a rank touches only the bytes it copies out.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from .errors import CheckpointError
+
+log = logging.getLogger("dist_saver")
+
+
+class LegacyFile:
+    """One torch.save'd state dict, with ShardFile's reading interface."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.bytes_read = 0
+        try:
+            obj = _load(path, mmap=True)
+        except _NotMappable:
+            # Files from before torch 1.6's zip format cannot be mapped: read them whole.
+            log.warning("%s: old (non-zip) torch.save format, loading it whole into memory", path)
+            obj = _load(path, mmap=False)
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+        self.tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        skipped = [k for k in obj if k not in self.tensors]
+        if skipped:
+            log.warning("%s: skipping %d non-tensor entries: %s", path, len(skipped), skipped[:10])
+        self._order = {name: i for i, name in enumerate(self.tensors)}
+
+    def close(self) -> None:
+        self.tensors = {}
+
+    def __enter__(self) -> "LegacyFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...], int]:
+        """(dtype, shape, position): the position orders tensors as the file lists them."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{self.path}: no tensor {name!r} in this file")
+        return t.dtype, tuple(t.shape), self._order[name]
+
+    def ties(self) -> dict[str, str]:
+        """{name: first name} for entries that are the same tensor (torch.save keeps tied
+        weights as one storage), so a rewrite stores them once."""
+        first: dict = {}
+        out = {}
+        for name, t in self.tensors.items():
+            if t.numel() == 0:
+                continue
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if key in first:
+                out[name] = first[key]
+            else:
+                first[key] = name
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor, box: tuple | None = None, staging=None) -> int:
+        """Copy the box (offset, shape) of tensor `name` (default all) into out; returns bytes."""
+        dtype, shape, _ = self.info(name)
+        offset, bshape = box if box is not None else ((0,) * len(shape), shape)
+        if out.dtype != dtype or tuple(out.shape) != tuple(bshape):
+            raise CheckpointError(
+                f"{self.path}: cannot read {name!r} box {list(bshape)} {dtype} into {out.dtype}{list(out.shape)}"
+            )
+        src = self.tensors[name][tuple(slice(o, o + s) for o, s in zip(offset, bshape))]
+        with torch.no_grad():
+            out.copy_(src)
+        n = out.numel() * dtype.itemsize
+        self.bytes_read += n
+        return n
+
+
+class _NotMappable(Exception):
+    pass
+
+
+def _load(path: str, mmap: bool):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError as e:
+        if mmap and "mmap can only be used" in str(e):
+            raise _NotMappable() from None
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file: {_first_line(e)}") from None
+    except Exception as e:  # weights_only refuses anything but tensors and plain containers
+        raise CheckpointError(
+            f"{path}: refused: it holds more than tensors, and dist_saver never unpickles arbitrary "
+            f"objects (torch.load weights_only=True said: {_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return next((line for line in lines if "Unsupported global" in line), lines[0])[:300]
