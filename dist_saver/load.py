@@ -14,6 +14,7 @@ from . import format as fmt
 from .comm import Comm, describe_error, raise_if_failed
 from .errors import CheckpointError
 from .layout import layout_of
+from .progress import Progress
 from .reader import open_weights
 from .state import alias_key, as_state_dict
 from .buffers import StagingBuffer
@@ -83,6 +84,7 @@ def dist_load(
     strict: bool = True,
     process_group=None,
     verify: bool = False,
+    progress: bool | None = None,
 ) -> LoadResult:
     """Fill the model's (or state dict's) tensors in place from the checkpoint at path.
 
@@ -90,23 +92,32 @@ def dist_load(
     2-D), reads only its shard's byte ranges. With strict, names the checkpoint lacks or has in
     excess raise CheckpointError; shape or dtype mismatches always do. If a process group is
     initialised, an error on any rank is raised on every rank. verify=True first checks the
-    checksums of the files this rank reads.
+    checksums of the files this rank reads. progress: a tqdm bar on rank 0 of the bytes read by
+    all ranks (None: when stderr is a terminal and the load takes over 2 s; True; False).
     """
     t0 = time.perf_counter()
     path = os.fspath(path)
     comm = Comm(process_group)
     result = LoadResult(path)
     error = None
+    bar = Progress("load", comm, f"loading {os.path.basename(path)}", progress)
     try:
-        _load_into(as_state_dict(model_or_state_dict), path, strict, result, verify)
+        _load_into(as_state_dict(model_or_state_dict), path, strict, result, verify, bar)
     except Exception as e:
         error = e
     result.seconds = time.perf_counter() - t0
-    if comm.world_size == 1 and error is not None:
-        raise error
+    bar.flush()
+    if comm.world_size == 1:
+        bar.close()
+        if error is not None:
+            raise error
     # One collective: every rank learns of any error, and rank 0 of everyone's figures.
-    reports = comm.all_gather_object(
-        (describe_error(error), result.bytes_read, len(result.files_opened), result.seconds))
+    try:
+        reports = comm.all_gather_object(
+            (describe_error(error), result.bytes_read, len(result.files_opened), result.seconds))
+    finally:
+        if comm.world_size > 1:
+            bar.close()
     raise_if_failed([r[0] for r in reports], f"loading {path}", CheckpointError)
     if comm.rank == 0:
         total = sum(r[1] for r in reports)
@@ -118,7 +129,8 @@ def dist_load(
     return result
 
 
-def _load_into(targets, path: str, strict: bool, result: LoadResult, verify: bool = False) -> None:
+def _load_into(targets, path: str, strict: bool, result: LoadResult, verify: bool = False,
+               progress: Progress | None = None) -> None:
     index = fmt.read_index(path)
     # Tied target tensors share memory: fill each memory once, from whichever name is stored.
     groups: dict = {}
@@ -151,6 +163,9 @@ def _load_into(targets, path: str, strict: bool, result: LoadResult, verify: boo
             )
     staging = StagingBuffer()
     by_file = _by_file(index, reads)
+    if progress is not None:  # the bytes this rank will deliver into its targets
+        progress.set_total(sum(_nbytes(t if box is None else box[1], t.dtype)
+                               for entries in reads.values() for _, t, box in entries))
     if verify:
         verify_files(path, by_file)
     for file, stored_names in by_file.items():
@@ -167,6 +182,16 @@ def _load_into(targets, path: str, strict: bool, result: LoadResult, verify: boo
                     local = target.to_local() if box is not None else target
                     with torch.no_grad():
                         result.bytes_read += f.read_into(stored, local.detach(), box, staging)
+                    if progress is not None:
+                        progress.add(local.numel() * local.element_size())
+
+
+def _nbytes(t_or_shape, dtype) -> int:
+    shape = t_or_shape.shape if isinstance(t_or_shape, torch.Tensor) else t_or_shape
+    n = dtype.itemsize
+    for s in shape:
+        n *= s
+    return n
 
 
 def _own_box(name: str, target: torch.Tensor):

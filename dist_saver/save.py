@@ -14,6 +14,7 @@ from .errors import SaveError
 from .hf import extra_files
 from .exchange import DEFAULT_BUCKET_BYTES, Exchanger, make_schedule
 from .plan import Plan, make_plan, merge_metadata
+from .progress import Progress
 from .snapshot import snapshot
 from .state import collect
 from .async_save import AsyncSave, wait_for_pending_save
@@ -59,6 +60,7 @@ def dist_save(
     tokenizer=None,
     processor=None,
     push_to_hub: str | None = None,
+    progress: bool | None = None,
 ):
     """Save on every rank of the group into one Hugging Face safetensors checkpoint at path.
 
@@ -90,6 +92,9 @@ def dist_save(
     publish. push_to_hub="org/name": after the publish, rank 0 uploads the directory to that Hub
     repo (huggingface_hub; see push_to_hub()); only rank 0 waits for the upload, and an upload
     error is raised on rank 0 only (the checkpoint on disk is complete either way).
+
+    progress: a tqdm bar on rank 0 of the bytes written by all ranks (None: when stderr is a
+    terminal and the save takes over 2 s, never for async saves; True: always; False: never).
     """
     wait_for_pending_save()
     t0 = time.perf_counter()
@@ -105,7 +110,7 @@ def dist_save(
     except Exception as e:
         error = e
     opts = _Options(fmt.parse_size(max_shard_size), fmt.parse_size(bucket_size), overwrite, checksums, direct_io,
-                    tuple(extra.items()), push_to_hub)
+                    tuple(extra.items()), push_to_hub, False if async_save and progress is None else progress)
     if not async_save:
         prep = _prepare(local, error, comm, opts)
         return _write_and_commit(prep, path, comm, opts, t0)
@@ -132,6 +137,7 @@ class _Options:
     direct_io: bool
     extra_files: tuple = ()  # (name, bytes): config.json, tokenizer files..., staged by rank 0
     push_to_hub: str | None = None
+    progress: bool | None = None
 
 
 @dataclass
@@ -207,9 +213,12 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opt
     written: list[WrittenFile] = []
     error = None
     exchanger = streamer = None
+    progress = Progress("save", comm, f"saving {os.path.basename(path)}", opts.progress)
     try:
+        progress.set_total(sum(f.data_size for f in plan.files_of(comm.rank)))
         cuda = any(t.device.type == "cuda" for t in local.tensors.values())
-        streamer = Streamer(cuda=cuda, checksums=opts.checksums, direct_io=opts.direct_io)
+        streamer = Streamer(cuda=cuda, checksums=opts.checksums, direct_io=opts.direct_io,
+                            on_written=progress.add)
         exchanger = Exchanger(sched, comm, local.tensors, shapes, dtypes, opts.bucket_bytes)
 
         def blocks_of(name):
@@ -228,7 +237,11 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opt
         finally:
             if streamer is not None:
                 streamer.close()
-    reports = comm.all_gather_object((written, describe_error(error)))
+    progress.flush()
+    try:
+        reports = comm.all_gather_object((written, describe_error(error)))
+    finally:
+        progress.close()
     raise_if_failed([r[1] for r in reports], f"writing {path}")
     all_written = [w for r in reports for w in r[0]]
 

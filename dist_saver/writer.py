@@ -48,8 +48,9 @@ def _o_direct_supported() -> bool:
 class _WriterThread:
     """Writes (fd, offset, buffer, nbytes) jobs in order; returns buffers to the pool."""
 
-    def __init__(self, pool: BufferPool):
+    def __init__(self, pool: BufferPool, on_written: Callable[[int], None] | None = None):
         self.pool = pool
+        self.on_written = on_written  # progress: the file bytes each write made
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="dist_saver-writer", daemon=True)
@@ -72,6 +73,8 @@ class _WriterThread:
                     while view:
                         k = os.pwrite(fd, view, offset)
                         view, offset = view[k:], offset + k
+                    if self.on_written is not None:
+                        self.on_written(real)
             except BaseException as e:  # reported to the caller at its next put/close
                 self.error = e
             finally:
@@ -95,11 +98,12 @@ class Streamer:
     """One per save and rank: the buffer pool, the writer thread and the CUDA side stream."""
 
     def __init__(self, buffer_bytes: int = DEFAULT_BUFFER_BYTES, count: int = DEFAULT_BUFFER_COUNT,
-                 cuda: bool = False, direct_io: bool = True, checksums: bool = True):
+                 cuda: bool = False, direct_io: bool = True, checksums: bool = True,
+                 on_written: Callable[[int], None] | None = None):
         if buffer_bytes % ALIGN:
             raise ValueError(f"buffer size must be a multiple of {ALIGN}")
         self.pool = shared_pool(count, buffer_bytes, pinned=cuda)
-        self.writer = _WriterThread(self.pool)
+        self.writer = _WriterThread(self.pool, on_written)
         self.stream = torch.cuda.Stream() if cuda and torch.cuda.is_available() else None
         if self.stream is not None:  # copies must see what the training stream wrote
             self.stream.wait_stream(torch.cuda.current_stream())

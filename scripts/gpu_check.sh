@@ -18,6 +18,12 @@ timeout 200 $PY benchmarks/bench_gpu_save.py --size-gb "${SIZE_GB:-8}" --dir "${
   --json "$out/gpu_bench.jsonl" 2>&1 | tail -13 || status=1
 echo "== GPU save benchmark, ${NPROC:-4} processes sharing the GPU"
 timeout 200 $PY -m torch.distributed.run --standalone --nproc-per-node "${NPROC:-4}" benchmarks/bench_gpu_save.py \
-  --size-gb "${SIZE_GB:-8}" --repeat 1 --dir "${BENCH_DIR:-/tmp/dist_saver_gpu_bench}" \
+  --size-gb "${SIZE_GB:-8}" --repeat 2 --dir "${BENCH_DIR:-/tmp/dist_saver_gpu_bench}" \
   --json "$out/gpu_bench.jsonl" 2>&1 | grep -v "^W1\|OMP_NUM\|\*\*\*" | tail -13 || status=1
+mkdir -p "${BENCH_DIR:-/tmp/dist_saver_gpu_bench}/fsdp"
+echo "== FSDP2 save on this machine's CPUs and disk, 2 ranks (the exchange with more cores than CI has)"
+timeout 150 $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/bench_save.py \
+  --size-gb "${FSDP_GB:-4}" --layout fsdp --repeat 2 --only "raw,dist_save" \
+  --dir "${BENCH_DIR:-/tmp/dist_saver_gpu_bench}/fsdp" --json "$out/fsdp_cpu.json" 2>&1 \
+  | grep -v "^W1\|OMP_NUM\|\*\*\*" | tail -12 || status=1
 exit $status
