@@ -138,6 +138,11 @@ def run(args) -> None:
             dist.barrier()
         if rank == 0:
             shutil.rmtree(out)
+        timed("dist_save, direct_io=True", lambda: dist_save(sd, out, direct_io=True))
+        if multi:
+            dist.barrier()
+        if rank == 0:
+            shutil.rmtree(out)
         timed("dist_save async: total", async_row)
         if multi:
             dist.barrier()

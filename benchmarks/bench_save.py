@@ -7,7 +7,7 @@ Same synthetic Llama-shaped bf16 model for every row; rows are interleaved round
 rotated order each round) so they share the disk's mood; each row's time is the slowest rank's,
 best of --repeat rounds. Rows:
   raw: every rank writes its 1/N of the model bytes to its own file: page cache / +fsync / O_DIRECT
-  dist_save (durable, O_DIRECT where the filesystem allows), with and without checksums
+  dist_save (durable: buffered with early writeback, the default; and O_DIRECT), with and without checksums
   save_file: safetensors.torch.save_file of the full state dict from one process (+fsync)
   rank-0 gather + hub: get_model_state_dict(full_state_dict, cpu_offload) then huggingface_hub's
       save_torch_state_dict on rank 0 (if huggingface_hub is installed)
@@ -180,8 +180,8 @@ def main() -> None:
     def dist_saver_no_checksum_row(out):
         dist_save(model, out, checksums=False, **bucket)
 
-    def dist_saver_buffered_row(out):
-        dist_save(model, out, direct_io=False, **bucket)
+    def dist_saver_direct_row(out):
+        dist_save(model, out, direct_io=True, **bucket)
 
     def save_file_row(out):
         from safetensors.torch import save_file
@@ -248,7 +248,7 @@ def main() -> None:
         "raw O_DIRECT + fsync": raw_writer(share, "direct", raw_buf),
         "dist_save": dist_saver_row,
         "dist_save, no checksums": dist_saver_no_checksum_row,
-        "dist_save, buffered (direct_io=False)": dist_saver_buffered_row,
+        "dist_save, O_DIRECT (direct_io=True)": dist_saver_direct_row,
         "save_file, one process (+fsync)": save_file_row,
         "rank-0 gather + hub save": rank0_hub_row,
         "DCP FileSystemWriter (not HF)": dcp_row,

@@ -9,6 +9,7 @@ path with ordinary writes. Extra memory: the pool, never a tensor.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import queue
@@ -26,6 +27,60 @@ from .plan import FilePlan
 
 DEFAULT_BUFFER_BYTES = 16 << 20
 DEFAULT_BUFFER_COUNT = 4
+# Buffered (non-O_DIRECT) files keep at most this many bytes dirty: see _Writeback.
+WRITEBACK_LAG_BYTES = 64 << 20
+
+
+def _sync_file_range():
+    try:  # Linux (glibc, musl); elsewhere buffered files are written back by the final fsync only
+        libc = ctypes.CDLL(None, use_errno=True)
+        f = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    f.restype = ctypes.c_int
+    return f
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+
+
+class _Writeback:
+    """A buffered file's writeback, started as each buffer lands, with a bounded dirty tail.
+
+    Without it the kernel writes nothing of a checkpoint-sized file before the final fsync (it
+    stays under dirty_background_ratio, and dirty pages expire after 30 s): the disk idles while
+    tensors are produced, then writes the whole file while we wait. Measured (2.15 GB, one
+    process, 2-core VM): 3.72 s median before, 1.04 s with this, O_DIRECT 1.11 s. Ranges more
+    than WRITEBACK_LAG_BYTES behind are waited for and dropped from the page cache, so a save
+    touches only ~lag bytes of fresh page-cache memory (as O_DIRECT, the file is not left cached).
+    """
+
+    def __init__(self, fd: int, lag: int | None = None):
+        self.fd, self.lag = fd, WRITEBACK_LAG_BYTES if lag is None else lag
+        self.started = 0  # writeback started for [0, started)
+        self.done = 0  # on disk and dropped: [0, done)
+        self.on = _SYNC_FILE_RANGE is not None
+
+    def _range(self, begin: int, end: int, flags: int) -> None:
+        if _SYNC_FILE_RANGE(self.fd, begin, end - begin, flags) != 0:
+            raise OSError(ctypes.get_errno(), "sync_file_range")
+
+    def wrote(self, end: int) -> None:
+        """Bytes [0, end) are in the page cache."""
+        if not self.on or end <= self.started:
+            return
+        try:
+            self._range(self.started, end, _SFR_WRITE)
+            self.started = end
+            if end - self.done > self.lag:
+                upto = end - self.lag
+                self._range(self.done, upto, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
+                os.posix_fadvise(self.fd, self.done, upto - self.done, os.POSIX_FADV_DONTNEED)
+                self.done = upto
+        except OSError:  # only a hint: the fsync at close still makes the file durable
+            self.on = False
 
 
 @dataclass
@@ -62,7 +117,7 @@ class _WriterThread:
             if job is None:
                 self.jobs.task_done()
                 return
-            fd, offset, buf, n, real, hasher, event = job
+            fd, offset, buf, n, real, hasher, event, writeback = job
             try:
                 if self.error is None:
                     if event is not None:
@@ -73,6 +128,8 @@ class _WriterThread:
                     while view:
                         k = os.pwrite(fd, view, offset)
                         view, offset = view[k:], offset + k
+                    if writeback is not None:
+                        writeback.wrote(offset)
                     if self.on_written is not None:
                         self.on_written(real)
             except BaseException as e:  # reported to the caller at its next put/close
@@ -81,8 +138,8 @@ class _WriterThread:
                 self.pool.give(buf)
                 self.jobs.task_done()
 
-    def submit(self, fd, offset, buf, n, real, hasher, event) -> None:
-        self.jobs.put((fd, offset, buf, n, real, hasher, event))
+    def submit(self, fd, offset, buf, n, real, hasher, event, writeback=None) -> None:
+        self.jobs.put((fd, offset, buf, n, real, hasher, event, writeback))
 
     def drain(self) -> None:
         self.jobs.join()
@@ -145,6 +202,7 @@ class FileStream:
         self.pos = 0  # bytes filled in the current buffer
         self.pending_device_copy = False
         self.hasher = Hasher() if streamer.checksums else None
+        self.writeback = None if direct else _Writeback(fd)
 
     def _space(self) -> int:
         if self.buf is None:
@@ -166,7 +224,7 @@ class FileStream:
             # CPU data: hash here, while the writer thread writes the previous buffer
             hasher.update(as_bytes(self.buf)[: self.pos])
             hasher = None
-        self.s.writer.submit(self.fd, self.offset, self.buf, n, self.pos, hasher, event)
+        self.s.writer.submit(self.fd, self.offset, self.buf, n, self.pos, hasher, event, self.writeback)
         self.offset += self.buf.numel()
         self.buf = None
 
