@@ -135,8 +135,6 @@ def _rewrite(args) -> int:
             dist.destroy_process_group()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def _push(args) -> int:
@@ -156,3 +154,7 @@ def _push(args) -> int:
         return 1
     print(f"{args.path}: pushed to {args.repo} ({getattr(info, 'commit_url', info)})")
     return 0
+
+
+if __name__ == "__main__":  # last: python -m dist_saver.cli needs every function above defined
+    sys.exit(main())

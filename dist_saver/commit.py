@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -132,6 +133,15 @@ class Target:
     def abort(self) -> None:
         """Rank 0, after a failed save: drop the staging area; the old checkpoint is untouched."""
         shutil.rmtree(self.staging, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the lock (e.g. while uploading the directory), then release it."""
+        self._take_lock()
+        try:
+            yield self
+        finally:
+            self.release()
 
     def _take_lock(self) -> None:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}

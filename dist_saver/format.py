@@ -257,9 +257,32 @@ def safe_member(directory: str, name: str) -> str:
     return full
 
 
+def is_plain_relpath(name) -> bool:
+    """A relative path of plain names ('a.json', 'templates/x.jinja'): nothing hidden, no '..'."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name or os.path.isabs(name):
+        return False
+    return all(part and not part.startswith(".") for part in name.split("/"))
+
+
+def write_extra_files(directory: str, files) -> None:
+    """Write (relative name, bytes) pairs under directory, durably (files and new subdirectories)."""
+    made = set()
+    for name, data in files:
+        if not is_plain_relpath(name):
+            raise ValueError(f"refusing to write {name!r}: not a plain relative path")
+        path = os.path.join(directory, name)
+        sub = os.path.dirname(path)
+        if sub != directory and sub not in made:
+            os.makedirs(sub, exist_ok=True)
+            made.add(sub)
+        write_durable(path, data)
+    for sub in sorted(made, key=len, reverse=True):
+        fsync_dir(sub)
+
+
 def looks_like_our_checkpoint(directory: str) -> bool:
     """True if every entry is an index of ours, its temp files, a shard file name we write, or a
-    file our index lists as saved beside the weights."""
+    plain file (or a directory of them) that our index lists as saved beside the weights."""
     ours = None
     if os.path.isfile(os.path.join(directory, INDEX_NAME)):
         try:
@@ -268,9 +291,30 @@ def looks_like_our_checkpoint(directory: str) -> bool:
             return False
         if ours is None:
             return False
-    listed = set((ours or {}).get("extra_files", ()))  # config, tokenizer... saved with the weights
+    listed = ours.get("extra_files", []) if isinstance(ours, dict) else []
+    if not isinstance(listed, list) or not all(is_plain_relpath(n) for n in listed):
+        return False  # damaged or hand-made: do not let it vouch for anything
+    listed = set(listed)
     for name in os.listdir(directory):
-        if not (name == INDEX_NAME or name.startswith(INDEX_NAME + ".tmp") or is_shard_file_name(name)
-                or name in OWN_EXTRA_FILES or name in listed):
+        full = os.path.join(directory, name)
+        if os.path.islink(full):
             return False
+        if os.path.isfile(full) and (name == INDEX_NAME or name.startswith(INDEX_NAME + ".tmp")
+                                     or is_shard_file_name(name) or name in OWN_EXTRA_FILES or name in listed):
+            continue
+        if os.path.isdir(full) and _only_listed_files(directory, name, listed):
+            continue
+        return False
     return True
+
+
+def _only_listed_files(directory: str, name: str, listed: set) -> bool:
+    found = False
+    for root, dirs, files in os.walk(os.path.join(directory, name)):
+        for entry in dirs + files:
+            full = os.path.join(root, entry)
+            rel = os.path.relpath(full, directory).replace(os.sep, "/")
+            if os.path.islink(full) or (entry in files and rel not in listed):
+                return False
+            found = found or entry in files
+    return found

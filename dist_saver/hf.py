@@ -34,13 +34,16 @@ def saved_files(obj, role: str) -> dict[str, bytes]:
     out = {}
     with tempfile.TemporaryDirectory(prefix="dist_saver-") as tmp:
         obj.save_pretrained(tmp)
-        for name in sorted(os.listdir(tmp)):
-            full = os.path.join(tmp, name)
-            if not os.path.isfile(full) or os.path.islink(full):
-                raise ValueError(f"{role}.save_pretrained wrote {name!r}, which is not a plain file; "
-                                 "dist_save only stages plain files")
-            with open(full, "rb") as f:
-                out[name] = f.read()
+        for root, dirs, files in os.walk(tmp):
+            for entry in sorted(dirs + files):
+                full = os.path.join(root, entry)
+                rel = os.path.relpath(full, tmp).replace(os.sep, "/")
+                if os.path.islink(full) or not (os.path.isdir(full) or os.path.isfile(full)):
+                    raise ValueError(f"{role}.save_pretrained wrote {rel!r}, which is not a plain file "
+                                     "or directory; dist_save only stages those")
+                if os.path.isfile(full):
+                    with open(full, "rb") as f:
+                        out[rel] = f.read()
     return out
 
 
@@ -53,7 +56,7 @@ def extra_files(model, tokenizer=None, processor=None) -> dict[str, bytes]:
         if obj is not None:
             out.update(saved_files(obj, role))
     for name in out:
-        if (name.startswith(".") or fmt.is_shard_file_name(name) or fmt.is_legacy_file(name)
+        if (not fmt.is_plain_relpath(name) or fmt.is_shard_file_name(name) or fmt.is_legacy_file(name)
                 or name in (fmt.INDEX_NAME, fmt.SINGLE_NAME, fmt.LEGACY_INDEX_NAME)):
             raise ValueError(f"refusing to stage {name!r} beside the weights: dist_save writes "
                              "the weights and their index itself")

@@ -31,12 +31,16 @@ def checkpoint_files(path: str) -> list[str]:
         if not os.path.isfile(fmt.safe_member(index.directory, name)):
             raise CheckpointError(f"{index.directory}/{name}: shard file missing; not uploading an "
                                   "incomplete checkpoint")
-    others = {n for n in os.listdir(index.directory)
-              if not n.startswith(".") and os.path.isfile(os.path.join(index.directory, n))
-              and not os.path.islink(os.path.join(index.directory, n))}
+    others = set()
+    for root, dirs, files in os.walk(index.directory):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not os.path.islink(os.path.join(root, d))]
+        for name in files:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, index.directory).replace(os.sep, "/")
+            if fmt.is_plain_relpath(rel) and os.path.isfile(full) and not os.path.islink(full):
+                others.add(rel)
     # Weight files the index does not name are leftovers (another tool's, an older split).
-    others = {n for n in others if not (fmt.is_shard_file_name(n) or fmt.is_legacy_file(n)
-                                        or n.endswith(".safetensors")) or n in weights}
+    others = {n for n in others if not (fmt.is_legacy_file(n) or n.endswith(".safetensors")) or n in weights}
     return sorted(weights | others)
 
 
@@ -50,9 +54,18 @@ def push_to_hub(path: str | os.PathLike, repo_id: str, *, token: str | None = No
         from huggingface_hub import HfApi
     except ImportError:
         raise ImportError("push_to_hub needs huggingface_hub: pip install 'dist-saver[hf]'") from None
+    from .commit import Target
+
     path = os.path.abspath(os.fspath(path))
+    target = Target(path)
+    with target.locked():  # no save replaces the directory while it is uploaded
+        return upload(HfApi(token=token), path, repo_id, private=private, revision=revision,
+                      commit_message=commit_message)
+
+
+def upload(api, path: str, repo_id: str, *, private=None, revision=None, commit_message=None):
+    """The upload itself; the caller holds the checkpoint's lock (dist_save does already)."""
     files = checkpoint_files(path)
-    api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     log.info("pushing %s (%d files) to %s", path, len(files), repo_id)
     return api.upload_folder(

@@ -33,6 +33,11 @@ class LegacyFile:
             raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
         self.tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
         skipped = [k for k in obj if k not in self.tensors]
+        if not self.tensors:
+            raise CheckpointError(
+                f"{path}: holds no tensors at its top level (keys: {[str(k) for k in list(obj)[:10]]}); "
+                "a training checkpoint often nests the weights, e.g. under 'model' or 'state_dict': "
+                "save that dict on its own to load or convert it")
         if skipped:
             log.warning("%s: skipping %d non-tensor entries: %s", path, len(skipped), skipped[:10])
         self._order = {name: i for i, name in enumerate(self.tensors)}

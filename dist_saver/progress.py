@@ -20,7 +20,7 @@ log = logging.getLogger("dist_saver")
 SHOW_AFTER_S = 2.0  # tqdm's delay: short saves and loads print nothing
 REPORT_EVERY_S = 0.25  # how often a rank adds its bytes to the store, and rank 0 redraws
 
-_calls: dict[str, int] = {}  # per kind: every rank of a group calls in the same order
+_calls: dict[tuple, int] = {}  # per (kind, group): its ranks call in the same order
 
 
 def _default_store():
@@ -48,9 +48,9 @@ class Progress:
     def __init__(self, kind: str, comm, label: str, enabled: bool | None = None):
         self.comm = comm
         self.enabled = enabled is not False
-        n = _calls[kind] = _calls.get(kind, 0) + 1
         ranks = ",".join(str(comm.global_rank(r)) for r in range(comm.world_size)) if comm.active else "0"
-        self.key = f"dist_saver/progress/{kind}/{n}/{ranks}"
+        n = _calls[kind, ranks] = _calls.get((kind, ranks), 0) + 1
+        self.key = f"dist_saver/progress/{kind}/{ranks}/{n}"
         self.store = _default_store() if self.enabled and comm.active and comm.world_size > 1 else None
         self.lock = threading.Lock()
         self.pending = 0
@@ -72,10 +72,8 @@ class Progress:
         """This rank's share of the work. Rank 0's bar shows the sum of every rank's."""
         if not self.enabled:
             return
-        if self.store is not None:
-            self.store.add(self.key + "/total", int(nbytes))
-        else:
-            self.total += int(nbytes)
+        self.total += int(nbytes)
+        self._store_add("/total", int(nbytes))
         if self.bar is not None and self._thread is None:
             self._thread = threading.Thread(target=self._draw, name="dist_saver-progress", daemon=True)
             self._thread.start()
@@ -89,7 +87,7 @@ class Progress:
             self.done_local += nbytes
             now = time.monotonic()
             if self.store is not None and now - self.last >= REPORT_EVERY_S:
-                self.store.add(self.key, self.pending)
+                self._store_add("", self.pending)
                 self.pending, self.last = 0, now
 
     def flush(self) -> None:
@@ -97,26 +95,33 @@ class Progress:
         if not self.enabled:
             return
         with self.lock:
-            if self.store is not None and self.pending:
-                self.store.add(self.key, self.pending)
+            if self.pending:
+                self._store_add("", self.pending)
             self.pending = 0
+
+    def _store_add(self, suffix: str, n: int) -> int:
+        """store.add that never fails the save or load: a progress bar is not worth a checkpoint."""
+        if self.store is None:
+            return 0
+        try:
+            return self.store.add(self.key + suffix, n)
+        except Exception as e:  # e.g. a store timeout: stop reporting, keep going
+            log.warning("progress: the process group's store failed (%s); no more progress reports", e)
+            self.store = None
+            return 0
 
     def done_all(self) -> tuple[int, int]:
         """(bytes done, total bytes) over all ranks, as reported so far."""
         if self.store is None:
             return self.done_local, self.total
-        return self.store.add(self.key, 0), self.store.add(self.key + "/total", 0)
+        return self._store_add("", 0), self._store_add("/total", 0)
 
     def _draw(self) -> None:
         while not self._stop.wait(REPORT_EVERY_S):
             self._update()
 
     def _update(self) -> None:
-        try:
-            done, total = self.done_all()
-        except Exception:  # the store went away (the job is ending): stop drawing
-            self._stop.set()
-            return
+        done, total = self.done_all()
         self.bar.total = total
         self.bar.update(min(done, total) - self.bar.n)
 

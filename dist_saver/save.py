@@ -251,8 +251,7 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opt
     error, index_path = None, os.path.join(path, fmt.INDEX_NAME)
     if comm.rank == 0:
         try:
-            for name, data in opts.extra_files:
-                fmt.write_durable(os.path.join(staging, name), data)
+            fmt.write_extra_files(staging, opts.extra_files)
             write_index(staging, plan, all_written, [name for name, _ in opts.extra_files])
             target.publish()
         except Exception as e:
@@ -273,10 +272,12 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opt
         # After the publish, so the Hub gets only a complete checkpoint; the lock is still held,
         # so no other save replaces the directory during the upload.
         if opts.push_to_hub:
-            from .hub import push_to_hub
-
             try:
-                push_to_hub(path, opts.push_to_hub)
+                from huggingface_hub import HfApi
+
+                from .hub import upload
+
+                upload(HfApi(), path, opts.push_to_hub)
             except Exception as e:
                 raise SaveError(f"{path} is saved and complete, but pushing it to {opts.push_to_hub} "
                                 f"failed on rank 0: {describe_error(e)}") from e

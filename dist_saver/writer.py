@@ -65,10 +65,11 @@ class _Writeback:
 
     def _range(self, begin: int, end: int, flags: int) -> None:
         if _SYNC_FILE_RANGE(self.fd, begin, end - begin, flags) != 0:
-            raise OSError(ctypes.get_errno(), "sync_file_range")
+            err = ctypes.get_errno()
+            raise OSError(err, f"sync_file_range: {os.strerror(err)}")
 
     def wrote(self, end: int) -> None:
-        """Bytes [0, end) are in the page cache."""
+        """Bytes [0, end) are in the page cache (called in file order, from the writer thread)."""
         if not self.on or end <= self.started:
             return
         try:
@@ -79,8 +80,16 @@ class _Writeback:
                 self._range(self.done, upto, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
                 os.posix_fadvise(self.fd, self.done, upto - self.done, os.POSIX_FADV_DONTNEED)
                 self.done = upto
-        except OSError:  # only a hint: the fsync at close still makes the file durable
-            self.on = False
+        except OSError as e:
+            if e.errno in _UNSUPPORTED:  # a hint this file system does not take: fsync does it all
+                self.on = False
+                return
+            # A write error (EIO, ENOSPC...): the waiting call has now reported it, and the kernel
+            # would not report it again to the final fsync, so it must fail the save here.
+            raise
+
+
+_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP}
 
 
 @dataclass

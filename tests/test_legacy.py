@@ -122,3 +122,12 @@ def test_convert_legacy_cli(tmp_path, capsys):
     # a safetensors source is not legacy: reshard is the tool for it
     assert cli(["convert-legacy", dst, str(tmp_path / "again")]) == 1
     assert "use reshard" in capsys.readouterr().err
+
+
+def test_a_file_with_nested_weights_is_refused_not_converted_empty(tmp_path):
+    src = tmp_path / "bin"
+    src.mkdir()
+    torch.save({"model": reference_state_dict(seed=0), "step": 3}, src / fmt.LEGACY_SINGLE_NAME)
+    with pytest.raises(CheckpointError, match="no tensors at its top level.*'model'"):
+        convert_legacy(str(src), str(tmp_path / "st"))
+    assert not (tmp_path / "st").exists()

@@ -116,10 +116,12 @@ class FakeHub:
         FakeHub.calls.append(("create_repo", repo_id, kw))
 
     def upload_folder(self, *, repo_id, folder_path, allow_patterns, delete_patterns, **kw):
-        uploaded = sorted(n for n in os.listdir(folder_path)
-                          if any(fnmatch.fnmatch(n, p) for p in allow_patterns))
+        paths = sorted(os.path.relpath(os.path.join(r, f), folder_path)
+                       for r, _, fs in os.walk(folder_path) for f in fs)
+        uploaded = [n for n in paths if any(fnmatch.fnmatch(n, p) for p in allow_patterns)]
         FakeHub.calls.append(("upload_folder", repo_id, {
-            "folder_path": folder_path, "uploaded": uploaded, "delete_patterns": delete_patterns,
+            "folder_path": folder_path, "uploaded": [n for n in uploaded if "/" not in n],
+            "uploaded_paths": uploaded, "delete_patterns": delete_patterns,
             "index_present": os.path.exists(os.path.join(folder_path, fmt.INDEX_NAME)),
             "siblings": sorted(os.listdir(os.path.dirname(folder_path)))}))
         return "commit-info"
@@ -211,3 +213,52 @@ def test_async_save_takes_the_tokenizer_at_the_call_and_pushes_after_publishing(
     assert len(transformers.AutoTokenizer.from_pretrained(path)) == 6
     assert [c[0] for c in fake_hub] == ["create_repo", "upload_folder"]
     assert "tokenizer.json" in fake_hub[1][2]["uploaded"]
+
+
+def test_files_in_subdirectories_round_trip_and_count_as_ours(tmp_path, fake_hub):
+    """e.g. transformers' additional_chat_templates/ beside tokenizer_config.json."""
+    path = str(tmp_path / "ck")
+    files = {"tokenizer_config.json": "{}", "additional_chat_templates/tool_use.jinja": "{{ x }}"}
+
+    class Nested:
+        def save_pretrained(self, directory):
+            for name, text in files.items():
+                os.makedirs(os.path.dirname(os.path.join(directory, name)), exist_ok=True)
+                with open(os.path.join(directory, name), "w") as f:
+                    f.write(text)
+
+    dist_save({"w": torch.ones(3)}, path, processor=Nested(), push_to_hub="org/x")
+    with open(os.path.join(path, "additional_chat_templates", "tool_use.jinja")) as f:
+        assert f.read() == "{{ x }}"
+    assert "additional_chat_templates/tool_use.jinja" in fake_hub[1][2]["uploaded_paths"]
+    dist_save({"w": torch.zeros(3)}, path, processor=Nested(), overwrite=True)  # recognised as ours
+
+
+def test_overwrite_refuses_what_the_index_does_not_vouch_for(tmp_path):
+    path = tmp_path / "ck"
+    dist_save({"w": torch.ones(3)}, path, tokenizer=make_tokenizer())
+    (path / "runs").mkdir()
+    (path / "runs" / "events.log").write_text("user data")
+    with pytest.raises(SaveError, match="not written by dist_saver"):
+        dist_save({"w": torch.ones(3)}, path, overwrite=True)
+    (path / "runs" / "events.log").unlink()
+    (path / "runs").rmdir()
+    index = json.loads((path / fmt.INDEX_NAME).read_text())
+    for bad in ("tokenizer.json", ["runs"], [".."], [5]):  # a string, an unlisted dir, junk
+        index["metadata"]["dist_saver"]["extra_files"] = bad
+        (path / fmt.INDEX_NAME).write_text(json.dumps(index))
+        assert not fmt.looks_like_our_checkpoint(str(path)), bad
+    assert (path / "tokenizer.json").exists()
+
+
+def test_push_to_hub_takes_the_lock(tmp_path, fake_hub):
+    from dist_saver.commit import Target
+
+    path = str(tmp_path / "ck")
+    dist_save({"w": torch.ones(3)}, path)
+    with Target(path).locked():  # a save into path is running
+        with pytest.raises(SaveError, match="in progress"):
+            push_to_hub(path, "org/x")
+    assert fake_hub == []
+    push_to_hub(path, "org/x")
+    assert not any(n.endswith(".lock") for n in os.listdir(tmp_path))

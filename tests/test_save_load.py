@@ -206,3 +206,29 @@ def test_buffered_path_with_early_writeback_is_bit_exact(tmp_path, monkeypatch):
     verify(tmp_path / "ck")
     if writer._SYNC_FILE_RANGE is not None:  # Linux: the dirty tail stayed bounded
         assert max(dropped) >= (40 << 20) - (1 << 20) - writer.DEFAULT_BUFFER_BYTES
+
+
+@pytest.mark.parametrize("err", [errno.EIO, errno.EINVAL])
+def test_a_writeback_error_fails_the_save_but_an_unsupported_hint_does_not(tmp_path, monkeypatch, err):
+    """The waiting sync_file_range reports a write error once (fsync would not see it again), so
+    it must fail the save; EINVAL only means the file system does not take the hint."""
+    import ctypes
+
+    import dist_saver.writer as writer
+
+    def failing(fd, offset, nbytes, flags):
+        if flags & 4:  # the call that waits for the range to be on disk
+            ctypes.set_errno(err)
+            return -1
+        return 0
+
+    monkeypatch.setattr(writer, "WRITEBACK_LAG_BYTES", 1 << 20)
+    monkeypatch.setattr(writer, "_SYNC_FILE_RANGE", failing)
+    sd = {"w": torch.arange(4 << 20, dtype=torch.int32)}  # 16 MiB: past the lag
+    if err == errno.EIO:
+        with pytest.raises(SaveError, match="Input/output error"):
+            dist_save(sd, tmp_path / "ck")
+        assert not (tmp_path / "ck").exists()
+    else:
+        dist_save(sd, tmp_path / "ck")
+        assert_bitwise_equal(load_state_dict(tmp_path / "ck"), sd)
