@@ -8,6 +8,7 @@ know): a throttled store add costs well under a millisecond.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import threading
@@ -42,15 +43,16 @@ class Progress:
     """Bytes done by this rank -> the shared counter; on rank 0 with show, a bar of all ranks'.
 
     enabled: None (auto: draw when stderr is a terminal), True (draw if tqdm is installed), False
-    (no bar, no reporting).
+    (no bar, no reporting). Pass the same on every rank: rank 0 removes the counters it used.
     """
 
     def __init__(self, kind: str, comm, label: str, enabled: bool | None = None):
         self.comm = comm
         self.enabled = enabled is not False
         ranks = ",".join(str(comm.global_rank(r)) for r in range(comm.world_size)) if comm.active else "0"
-        n = _calls[kind, ranks] = _calls.get((kind, ranks), 0) + 1
-        self.key = f"dist_saver/progress/{kind}/{ranks}/{n}"
+        group = hashlib.sha1(ranks.encode()).hexdigest()[:12]  # short keys, even for 1000 ranks
+        n = _calls[kind, group] = _calls.get((kind, group), 0) + 1
+        self.key = f"dist_saver/progress/{kind}/{group}/{n}"
         self.store = _default_store() if self.enabled and comm.active and comm.world_size > 1 else None
         self.lock = threading.Lock()
         self.pending = 0
