@@ -78,6 +78,7 @@ class Target:
         self.staging = os.path.join(parent, f".{name}.dist_saver-staging")
         self.previous = os.path.join(parent, f".{name}.dist_saver-previous")
         self.lock = os.path.join(parent, f".{name}.dist_saver.lock")
+        self.owner = None  # set when something outlives the save and releases the lock itself
 
     def recover(self) -> None:
         """Finish or undo a publish that a crash interrupted; drop a crashed save's staging."""

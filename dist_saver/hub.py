@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import threading
 
 from . import format as fmt
 from .errors import CheckpointError
@@ -74,3 +75,62 @@ def upload(api, path: str, repo_id: str, *, private=None, revision=None, commit_
         delete_patterns=STALE_PATTERNS,
         commit_message=commit_message or f"Upload checkpoint ({len(files)} files) with dist_saver",
     )
+
+
+class Upload:
+    """A push running in a thread of its own on rank 0, so neither this rank nor the others wait
+    for the Hub: wait() returns the CommitInfo or raises SaveError. The checkpoint's lock is held
+    until the upload ends. A non-daemon thread: the interpreter does not exit mid-upload."""
+
+    _running: dict = {}  # absolute path -> Upload
+
+    def __init__(self, path: str, repo_id: str, target):
+        self.path, self.repo_id, self.target = path, repo_id, target
+        self.result = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="dist_saver-upload", daemon=False)
+
+    @classmethod
+    def start(cls, path: str, repo_id: str, target) -> "Upload":
+        """target: the save's commit.Target, whose lock this upload now owns and releases."""
+        up = cls(path, repo_id, target)
+        cls._running[path] = up
+        up._thread.start()
+        target.owner = up
+        return up
+
+    def _run(self) -> None:
+        try:
+            from huggingface_hub import HfApi
+
+            self.result = upload(HfApi(), self.path, self.repo_id)
+        except BaseException as e:
+            from .comm import describe_error
+            from .errors import SaveError
+
+            self.error = SaveError(f"{self.path} is saved and complete, but pushing it to {self.repo_id} "
+                                   f"failed on rank 0: {describe_error(e)}")
+            self.error.__cause__ = e
+            log.error("%s", self.error)
+        finally:
+            self.target.release()
+            Upload._running.pop(self.path, None)
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the upload of {self.path} to {self.repo_id} is still running")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    @classmethod
+    def wait_for(cls, path: str) -> None:
+        """Before a save into path: let an upload of the previous checkpoint there finish (its
+        error, if any, was logged and belongs to its own handle)."""
+        up = cls._running.get(path)
+        if up is not None:
+            up._thread.join()

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from . import format as fmt
 from .comm import Comm, describe_error, raise_if_failed, save_group
 from .commit import Target, write_index
-from .errors import SaveError
 from .hf import extra_files
 from .exchange import DEFAULT_BUCKET_BYTES, Exchanger, make_schedule
 from .plan import Plan, make_plan, merge_metadata
@@ -35,6 +34,7 @@ class SaveResult:
     seconds: float
     index_path: str = ""
     plan: Plan | None = field(default=None, repr=False)
+    upload: object = field(default=None, repr=False)  # rank 0 with push_to_hub: hub.Upload
 
     @property
     def my_files(self) -> list[WrittenFile]:
@@ -92,8 +92,9 @@ def dist_save(
     tokenizer, processor: anything with save_pretrained (rank 0's are used; other ranks may pass
     None): their files are taken at the call and published with the weights, in the same atomic
     publish. push_to_hub="org/name": after the publish, rank 0 uploads the directory to that Hub
-    repo (huggingface_hub; see push_to_hub()); only rank 0 waits for the upload, and an upload
-    error is raised on rank 0 only (the checkpoint on disk is complete either way).
+    repo (huggingface_hub; see push_to_hub()) in a thread of its own; nobody waits for it:
+    result.upload.wait() on rank 0 returns the commit or raises the upload's SaveError (the
+    checkpoint on disk is complete either way).
 
     progress: a tqdm bar on rank 0 of the bytes written by all ranks (None: when stderr is a
     terminal and the save takes over 2 s, never for async saves; True: always; False: never).
@@ -188,6 +189,9 @@ def _write_and_commit(prep: _Prepared, path: str, comm: Comm, opts: _Options, t0
     target, staging, error = Target(path), None, None
     if comm.rank == 0:
         try:
+            from .hub import Upload
+
+            Upload.wait_for(target.path)  # an upload of the checkpoint this save replaces
             staging = target.begin(opts.overwrite)
         except Exception as e:
             error = e
@@ -200,7 +204,7 @@ def _write_and_commit(prep: _Prepared, path: str, comm: Comm, opts: _Options, t0
             target.abort()
         raise
     finally:
-        if comm.rank == 0:
+        if comm.rank == 0 and target.owner is None:  # else the upload releases it when done
             target.release()
 
 
@@ -269,16 +273,10 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opt
             path, result.total_bytes / 1e9, len(all_written), comm.world_size, result.seconds,
             result.gb_per_s, f", slowest rank {slowest.rank}" if slowest else "",
         )
-        # After the publish, so the Hub gets only a complete checkpoint; the lock is still held,
-        # so no other save replaces the directory during the upload.
+        # After the publish, so the Hub gets only a complete checkpoint; in a thread that now owns
+        # the lock, so no other save replaces the directory during the upload, and nobody waits.
         if opts.push_to_hub:
-            try:
-                from huggingface_hub import HfApi
+            from .hub import Upload
 
-                from .hub import upload
-
-                upload(HfApi(), path, opts.push_to_hub)
-            except Exception as e:
-                raise SaveError(f"{path} is saved and complete, but pushing it to {opts.push_to_hub} "
-                                f"failed on rank 0: {describe_error(e)}") from e
+            result.upload = Upload.start(target.path, opts.push_to_hub, target)
     return result

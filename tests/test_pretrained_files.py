@@ -142,6 +142,7 @@ def test_push_to_hub_uploads_the_published_directory_only(tmp_path, fake_hub):
     with open(tmp_path / "stray.txt", "w") as f:  # beside, not inside: never uploaded
         f.write("x")
     res = dist_save(model, path, tokenizer=make_tokenizer(), max_shard_size=20_000, push_to_hub="org/tiny")
+    assert res.upload.wait() == "commit-info"
     (create, upload) = fake_hub
     assert create[:2] == ("create_repo", "org/tiny") and create[2]["exist_ok"]
     assert upload[1] == "org/tiny"
@@ -168,7 +169,11 @@ def _push_from_ranks(rank, world, path, log_file):
                 f.write(f"{rank}\n")
 
     huggingface_hub.HfApi = Recorder
-    dist_save({"w": torch.full((8,), float(rank))}, path, push_to_hub="org/x")
+    res = dist_save({"w": torch.full((8,), float(rank))}, path, push_to_hub="org/x")
+    if rank == 0:
+        res.upload.wait()
+    else:
+        assert res.upload is None
 
 
 def test_push_happens_on_rank_0_only(tmp_path):
@@ -199,9 +204,11 @@ def test_a_failed_upload_names_the_saved_checkpoint(tmp_path, fake_hub, monkeypa
 
     monkeypatch.setattr(FakeHub, "upload_folder", refuse)
     path = str(tmp_path / "ck")
+    res = dist_save({"w": torch.ones(3)}, path, push_to_hub="org/x")
     with pytest.raises(SaveError, match="saved and complete, but pushing it to org/x failed.*401"):
-        dist_save({"w": torch.ones(3)}, path, push_to_hub="org/x")
+        res.upload.wait()
     assert torch.equal(load_state_dict(path)["w"], torch.ones(3))
+    assert not any(n.endswith(".lock") for n in os.listdir(tmp_path))  # the upload released it
 
 
 def test_async_save_takes_the_tokenizer_at_the_call_and_pushes_after_publishing(tmp_path, fake_hub):
@@ -209,7 +216,7 @@ def test_async_save_takes_the_tokenizer_at_the_call_and_pushes_after_publishing(
     path = str(tmp_path / "ck")
     handle = dist_save({"w": torch.ones(3)}, path, tokenizer=tok, async_save=True, push_to_hub="org/x")
     tok.add_tokens(["later"])  # after the call: not in the checkpoint
-    handle.wait()
+    handle.wait().upload.wait()
     assert len(transformers.AutoTokenizer.from_pretrained(path)) == 6
     assert [c[0] for c in fake_hub] == ["create_repo", "upload_folder"]
     assert "tokenizer.json" in fake_hub[1][2]["uploaded"]
@@ -227,7 +234,7 @@ def test_files_in_subdirectories_round_trip_and_count_as_ours(tmp_path, fake_hub
                 with open(os.path.join(directory, name), "w") as f:
                     f.write(text)
 
-    dist_save({"w": torch.ones(3)}, path, processor=Nested(), push_to_hub="org/x")
+    dist_save({"w": torch.ones(3)}, path, processor=Nested(), push_to_hub="org/x").upload.wait()
     with open(os.path.join(path, "additional_chat_templates", "tool_use.jinja")) as f:
         assert f.read() == "{{ x }}"
     assert "additional_chat_templates/tool_use.jinja" in fake_hub[1][2]["uploaded_paths"]
@@ -262,3 +269,25 @@ def test_push_to_hub_takes_the_lock(tmp_path, fake_hub):
     assert fake_hub == []
     push_to_hub(path, "org/x")
     assert not any(n.endswith(".lock") for n in os.listdir(tmp_path))
+
+
+def test_the_upload_runs_detached_and_holds_the_lock(tmp_path, fake_hub, monkeypatch):
+    import threading
+
+    release = threading.Event()
+    real = FakeHub.upload_folder
+
+    def slow(self, **kw):
+        assert release.wait(30)
+        return real(self, **kw)
+
+    monkeypatch.setattr(FakeHub, "upload_folder", slow)
+    path = str(tmp_path / "ck")
+    res = dist_save({"w": torch.ones(3)}, path, push_to_hub="org/x")
+    assert not res.upload.done()  # the save returned while the upload runs
+    assert any(n.endswith(".lock") for n in os.listdir(tmp_path))  # nobody replaces it meanwhile
+    threading.Timer(0.5, release.set).start()
+    # a save into the same path waits for that upload, then replaces the checkpoint
+    dist_save({"w": torch.zeros(3)}, path, overwrite=True)
+    assert res.upload.done() and res.upload.wait() == "commit-info"
+    assert torch.equal(load_state_dict(path)["w"], torch.zeros(3))
