@@ -160,7 +160,11 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated row names to run")
     ap.add_argument("--bucket", default=None, help="dist_save's bucket_size (default: its own)")
     ap.add_argument("--json", default=None, help="append results as JSON lines here")
+    ap.add_argument("--plot", default=None, help="then draw GB/s by world size and saver from every run "
+                    "in --json (e.g. earlier runs at other world sizes) into this PNG (needs matplotlib)")
     args = ap.parse_args()
+    if args.plot and not args.json:
+        ap.error("--plot draws from the --json file: give both")
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -312,6 +316,10 @@ def _report(rows, total, world, args) -> None:
         with open(args.json, "a") as f:
             f.write(json.dumps({"bench": "save", "layout": args.layout, "world": world, "model_bytes": total,
                                 "rows": rows}) + "\n")
+    if args.plot:
+        from plot import plot  # benchmarks/plot.py, beside this script
+
+        plot([args.json], args.plot)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ def main() -> None:
     ap.add_argument("results", nargs="+", help="JSON lines files from bench_save.py --json")
     ap.add_argument("--out", default="save.png")
     args = ap.parse_args()
+    plot(args.results, args.out)
+
+
+def plot(results: list[str], out: str) -> None:
+    """GB/s by world size and saver, one panel per layout, from bench_save's JSON lines files."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,7 +29,7 @@ def main() -> None:
 
     # layout -> saver -> world -> best GB/s
     best: dict = defaultdict(lambda: defaultdict(dict))
-    for path in args.results:
+    for path in results:
         with open(path) as f:
             for line in f:
                 run = json.loads(line)
@@ -48,8 +53,8 @@ def main() -> None:
         ax.set_title(f"save, {layout} model")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
