@@ -135,8 +135,6 @@ def _rewrite(args) -> int:
             dist.destroy_process_group()
 
 
-
-
 def _push(args) -> int:
     from .hub import push_to_hub
 

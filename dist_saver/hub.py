@@ -51,17 +51,20 @@ def push_to_hub(path: str | os.PathLike, repo_id: str, *, token: str | None = No
     """Upload the checkpoint directory at path to the Hub model repo repo_id in one commit
     (created if missing); weight files from an earlier upload that this one does not carry are
     deleted in the same commit. Returns huggingface_hub's CommitInfo."""
+    from .commit import Target
+
+    api = hf_api(token)
+    path = os.path.abspath(os.fspath(path))
+    with Target(path).locked():  # no save replaces the directory while it is uploaded
+        return upload(api, path, repo_id, private=private, revision=revision, commit_message=commit_message)
+
+
+def hf_api(token: str | None = None):
     try:
         from huggingface_hub import HfApi
     except ImportError:
         raise ImportError("push_to_hub needs huggingface_hub: pip install 'dist-saver[hf]'") from None
-    from .commit import Target
-
-    path = os.path.abspath(os.fspath(path))
-    target = Target(path)
-    with target.locked():  # no save replaces the directory while it is uploaded
-        return upload(HfApi(token=token), path, repo_id, private=private, revision=revision,
-                      commit_message=commit_message)
+    return HfApi(token=token)
 
 
 def upload(api, path: str, repo_id: str, *, private=None, revision=None, commit_message=None):
@@ -101,9 +104,7 @@ class Upload:
 
     def _run(self) -> None:
         try:
-            from huggingface_hub import HfApi
-
-            self.result = upload(HfApi(), self.path, self.repo_id)
+            self.result = upload(hf_api(), self.path, self.repo_id)
         except BaseException as e:
             from .comm import describe_error
             from .errors import SaveError

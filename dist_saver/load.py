@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -107,17 +108,14 @@ def dist_load(
         error = e
     result.seconds = time.perf_counter() - t0
     bar.flush()
-    if comm.world_size == 1:
-        bar.close()
-        if error is not None:
-            raise error
-    # One collective: every rank learns of any error, and rank 0 of everyone's figures.
     try:
+        if comm.world_size == 1 and error is not None:
+            raise error
+        # One collective: every rank learns of any error, and rank 0 of everyone's figures.
         reports = comm.all_gather_object(
             (describe_error(error), result.bytes_read, len(result.files_opened), result.seconds))
     finally:
-        if comm.world_size > 1:
-            bar.close()
+        bar.close()
     raise_if_failed([r[0] for r in reports], f"loading {path}", CheckpointError)
     if comm.rank == 0:
         total = sum(r[1] for r in reports)
@@ -164,7 +162,7 @@ def _load_into(targets, path: str, strict: bool, result: LoadResult, verify: boo
     staging = StagingBuffer()
     by_file = _by_file(index, reads)
     if progress is not None:  # the bytes this rank will deliver into its targets
-        progress.set_total(sum(_nbytes(t if box is None else box[1], t.dtype)
+        progress.set_total(sum(math.prod(t.shape if box is None else box[1]) * t.dtype.itemsize
                                for entries in reads.values() for _, t, box in entries))
     if verify:
         verify_files(path, by_file)
@@ -184,14 +182,6 @@ def _load_into(targets, path: str, strict: bool, result: LoadResult, verify: boo
                         result.bytes_read += f.read_into(stored, local.detach(), box, staging)
                     if progress is not None:
                         progress.add(local.numel() * local.element_size())
-
-
-def _nbytes(t_or_shape, dtype) -> int:
-    shape = t_or_shape.shape if isinstance(t_or_shape, torch.Tensor) else t_or_shape
-    n = dtype.itemsize
-    for s in shape:
-        n *= s
-    return n
 
 
 def _own_box(name: str, target: torch.Tensor):

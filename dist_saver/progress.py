@@ -141,7 +141,7 @@ class Progress:
         if self.bar is not None:
             self._update()
             self.bar.close()
-        if self.comm.rank == 0 and self.store is not None:
+        if self.store is not None:
             for key in (self.key, self.key + "/total"):
                 try:
                     self.store.delete_key(key)

@@ -11,6 +11,7 @@ from . import format as fmt
 from .comm import Comm, describe_error, raise_if_failed, save_group
 from .commit import Target, write_index
 from .hf import extra_files
+from .hub import Upload
 from .exchange import DEFAULT_BUCKET_BYTES, Exchanger, make_schedule
 from .plan import Plan, make_plan, merge_metadata
 from .progress import Progress
@@ -189,8 +190,6 @@ def _write_and_commit(prep: _Prepared, path: str, comm: Comm, opts: _Options, t0
     target, staging, error = Target(path), None, None
     if comm.rank == 0:
         try:
-            from .hub import Upload
-
             Upload.wait_for(target.path)  # an upload of the checkpoint this save replaces
             staging = target.begin(opts.overwrite)
         except Exception as e:
@@ -276,7 +275,5 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opt
         # After the publish, so the Hub gets only a complete checkpoint; in a thread that now owns
         # the lock, so no other save replaces the directory during the upload, and nobody waits.
         if opts.push_to_hub:
-            from .hub import Upload
-
             result.upload = Upload.start(target.path, opts.push_to_hub, target)
     return result

@@ -57,8 +57,8 @@ class _Writeback:
     touches only ~lag bytes of fresh page-cache memory (as O_DIRECT, the file is not left cached).
     """
 
-    def __init__(self, fd: int, lag: int | None = None):
-        self.fd, self.lag = fd, WRITEBACK_LAG_BYTES if lag is None else lag
+    def __init__(self, fd: int):
+        self.fd, self.lag = fd, WRITEBACK_LAG_BYTES  # read here, so tests can shrink it
         self.started = 0  # writeback started for [0, started)
         self.done = 0  # on disk and dropped: [0, done)
         self.on = _SYNC_FILE_RANGE is not None
@@ -164,7 +164,7 @@ class Streamer:
     """One per save and rank: the buffer pool, the writer thread and the CUDA side stream."""
 
     def __init__(self, buffer_bytes: int = DEFAULT_BUFFER_BYTES, count: int = DEFAULT_BUFFER_COUNT,
-                 cuda: bool = False, direct_io: bool = True, checksums: bool = True,
+                 cuda: bool = False, direct_io: bool = False, checksums: bool = True,
                  on_written: Callable[[int], None] | None = None):
         if buffer_bytes % ALIGN:
             raise ValueError(f"buffer size must be a multiple of {ALIGN}")
