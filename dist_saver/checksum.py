@@ -1,8 +1,8 @@
-"""File checksums, computed while writing and checked by verify(): xxh3-64, or crc32 without xxhash."""
+"""Checksums of written byte ranges, computed while writing and checked by verify(): xxh3-64, or
+crc32 without xxhash."""
 
 from __future__ import annotations
 
-import os
 import zlib
 
 try:
@@ -37,20 +37,3 @@ class Hasher:
 
 
 DEFAULT_ALGORITHM = Hasher().algorithm
-
-
-def file_checksum(path: str, algorithm: str, block: int = 16 << 20) -> str:
-    """Checksum of a whole file, read sequentially."""
-    h = Hasher(algorithm)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        while True:
-            data = os.read(fd, block)
-            if not data:
-                break
-            h.update(data)
-    finally:
-        os.close(fd)
-    return h.digest()

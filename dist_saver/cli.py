@@ -39,8 +39,12 @@ def inspect_checkpoint(path: str) -> dict:
                 names = f.names()
                 dtypes = Counter(str(f.info(n)[0]).removeprefix("torch.") if fmt.is_legacy_file(name)
                                  else fmt.dtype_code(f.info(n)[0]) for n in names)
+            rec = recorded.get(name) or {}
+            ranges = rec.get("ranges") if isinstance(rec.get("ranges"), list) else None
             entry.update(present=True, size=os.path.getsize(full), tensors=len(names), dtypes=dict(dtypes),
-                         checksum=(recorded.get(name) or {}).get("checksum"))
+                         writers=sorted({r[2] for r in ranges if isinstance(r, list) and len(r) == 4})
+                         if ranges else [], ranges=len(ranges) if ranges else None,
+                         checksum=rec.get("checksum"))
         files.append(entry)
     return {
         "path": index.directory,
@@ -52,6 +56,10 @@ def inspect_checkpoint(path: str) -> dict:
         "aliases": index.aliases,
         "files": files,
     }
+
+
+def _ranks(ranks: list) -> str:
+    return ",".join(map(str, ranks[:8])) + (f",... ({len(ranks)})" if len(ranks) > 8 else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  {f['file']}: MISSING")
                         continue
                     dtypes = ", ".join(f"{k} x{v}" for k, v in sorted(f["dtypes"].items()))
-                    print(f"  {f['file']}: rank {f['rank']}, {f['size']} bytes, {f['tensors']} tensors ({dtypes})")
+                    written = f" (written by ranks {_ranks(f['writers'])})" if f.get("writers") else ""
+                    print(f"  {f['file']}: rank {f['rank']}{written}, {f['size']} bytes, {f['tensors']} tensors "
+                          f"({dtypes})")
                 for alias, target in sorted(info["aliases"].items()):
                     print(f"  alias {alias} -> {target}")
             return 0 if info["complete"] else 1

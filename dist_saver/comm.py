@@ -111,9 +111,12 @@ class Comm:
             out.append((ranks, value))
         return out
 
-    def agree(self, error: BaseException | None, what: str, cls: type = SaveError) -> None:
-        """Collective: raise the same error (cls) on every rank if any rank failed."""
-        raise_if_failed(self.all_gather_object(describe_error(error)), what, cls)
+    def agree(self, error: BaseException | None, what: str, cls: type = SaveError, share: Any = None) -> Any:
+        """Collective: raise the same error (cls) on every rank if any rank failed; else return
+        rank 0's `share` on every rank (one collective for both)."""
+        reports = self.all_gather_object((describe_error(error), share))
+        raise_if_failed([r[0] for r in reports], what, cls)
+        return reports[0][1]
 
 
 @contextlib.contextmanager

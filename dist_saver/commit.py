@@ -1,4 +1,4 @@
-"""The commit: check what the ranks wrote against the plan, publish index and files atomically."""
+"""The commit: check every byte range the ranks wrote against the plan, publish index and files atomically."""
 
 from __future__ import annotations
 
@@ -8,55 +8,89 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from . import format as fmt
 from .errors import SaveError
 from .plan import Plan
-from .writer import WrittenFile
+from .writer import WrittenRange
 
 
-def check_written(plan: Plan, written: Sequence[WrittenFile]) -> None:
-    """Every planned file written once, by its rank, holding exactly its planned tensors."""
-    by_name: dict[str, WrittenFile] = {}
+@dataclass
+class WrittenFile:
+    """One file of a finished save: its owner, size, tensors, and the ranges each rank wrote."""
+
+    name: str
+    rank: int  # the owner: created it and wrote its header
+    size: int  # bytes of the whole file
+    tensors: dict[str, int] = field(default_factory=dict)  # name -> data bytes
+    ranges: list[WrittenRange] = field(default_factory=list)  # in file order, tiling [0, size)
+
+    @property
+    def direct_io(self) -> bool:
+        return any(r.direct_io for r in self.ranges)
+
+    @property
+    def writers(self) -> list[int]:
+        return sorted({r.rank for r in self.ranges})
+
+
+def planned_ranges(plan: Plan) -> dict[tuple[str, int, int], int]:
+    """(file, begin, end) in file offsets -> the rank that must write it: headers and extents."""
+    out = {}
+    for f in plan.files:
+        start = f.data_start
+        out[(f.name, 0, start)] = f.rank
+        for e in f.extents:
+            out[(f.name, start + e.begin, start + e.end)] = e.rank
+    return out
+
+
+def check_written(plan: Plan, written: Sequence[WrittenRange]) -> None:
+    """Every planned byte range written exactly once, by its planned rank, else SaveError."""
+    expected = planned_ranges(plan)
+    seen: dict[tuple[str, int, int], int] = {}
     problems: list[str] = []
     for w in written:
-        if w.name in by_name:
-            problems.append(f"file {w.name} reported by ranks {by_name[w.name].rank} and {w.rank}")
-        by_name[w.name] = w
-    for f in plan.files:
-        w = by_name.pop(f.name, None)
-        if w is None:
-            problems.append(f"file {f.name} (rank {f.rank}) was not written")
+        key = (w.file, w.begin, w.end)
+        if key in seen:
+            problems.append(f"{w.file} bytes [{w.begin}, {w.end}) reported by ranks {seen[key]} and {w.rank}")
             continue
-        if w.rank != f.rank:
-            problems.append(f"file {f.name} was planned for rank {f.rank} but written by rank {w.rank}")
-        planned = {t.name: t.end - t.begin for t in f.tensors}
-        if w.tensors != planned:
-            missing = sorted(set(planned) - set(w.tensors))
-            extra = sorted(set(w.tensors) - set(planned))
-            short = sorted(n for n in planned if n in w.tensors and w.tensors[n] != planned[n])
-            problems.append(
-                f"file {f.name} (rank {f.rank}): missing {missing[:5]}, unexpected {extra[:5]}, "
-                f"wrong size {short[:5]}"
-            )
-    for name, w in by_name.items():
-        problems.append(f"file {name} written by rank {w.rank} is not in the plan")
+        seen[key] = w.rank
+        want = expected.pop(key, None)
+        if want is None:
+            problems.append(f"{w.file} bytes [{w.begin}, {w.end}) written by rank {w.rank} are not in the plan")
+        elif want != w.rank:
+            problems.append(f"{w.file} bytes [{w.begin}, {w.end}) were planned for rank {want} but written "
+                            f"by rank {w.rank}")
+    for (file, begin, end), rank in expected.items():
+        problems.append(f"{file} bytes [{begin}, {end}) (rank {rank}) were not written")
     if problems:
         raise SaveError("the written files do not match the plan; no index was published:\n  "
-                        + "\n  ".join(problems[:20]))
+                        + "\n  ".join(problems[:20]) + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else ""))
 
 
-def write_index(directory: str, plan: Plan, written: Sequence[WrittenFile], extra_files: Sequence[str] = ()) -> str:
+def written_files(plan: Plan, written: Sequence[WrittenRange]) -> list[WrittenFile]:
+    """The plan's files with the ranges reported for each."""
+    by_file: dict[str, list[WrittenRange]] = {}
+    for w in written:
+        by_file.setdefault(w.file, []).append(w)
+    return [WrittenFile(f.name, f.rank, f.size, {t.name: t.end - t.begin for t in f.tensors},
+                        sorted(by_file.get(f.name, []), key=lambda w: w.begin)) for f in plan.files]
+
+
+def write_index(directory: str, plan: Plan, files: Sequence[WrittenFile], extra_files: Sequence[str] = ()) -> str:
     """Write model.safetensors.index.json (atomically) from what the ranks report they wrote.
 
+    Each file lists its ranges as [offset, length, rank, checksum] (checksum "" when disabled).
     extra_files: the names saved beside the weights (config, tokenizer), recorded so that a later
     save with overwrite=True knows the directory holds nothing but ours.
     """
-    check_written(plan, written)
-    files = {w.name: {"rank": w.rank, "size": w.size, "checksum": w.checksum}
-             for w in sorted(written, key=lambda w: w.name)}
-    extra = {"world_size": plan.world_size, "files": files, "aliases": dict(sorted(plan.aliases.items())),
+    entries = {f.name: {"rank": f.rank, "size": f.size,
+                        "ranges": [[r.begin, r.end - r.begin, r.rank, r.checksum] for r in f.ranges]}
+               for f in sorted(files, key=lambda f: f.name)}
+    extra = {"world_size": plan.world_size, "files": entries, "aliases": dict(sorted(plan.aliases.items())),
              "extra_files": sorted(extra_files)}
     doc = fmt.index_document(plan.weight_map(), plan.total_size, extra)
     path = os.path.join(directory, fmt.INDEX_NAME)

@@ -171,10 +171,22 @@ def write_durable(path: str, data: str | bytes) -> None:
         os.fsync(f.fileno())
 
 
+def json_text(doc, indent: int = 0) -> str:
+    """JSON indented like json.dumps(indent=2), but lists of plain values on one line each (an
+    index lists thousands of [offset, length, rank, checksum] ranges)."""
+    pad, inner = " " * indent, " " * (indent + 2)
+    if isinstance(doc, dict) and doc:
+        items = (f"{inner}{json.dumps(str(k))}: {json_text(v, indent + 2)}" for k, v in doc.items())
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(doc, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in doc):
+        return "[\n" + ",\n".join(inner + json_text(v, indent + 2) for v in doc) + f"\n{pad}]"
+    return json.dumps(doc)
+
+
 def write_json_atomic(path: str, doc: dict) -> None:
     """Write to a temp name, fsync, rename, fsync the directory: readers see all or nothing."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    write_durable(tmp, json.dumps(doc, indent=2) + "\n")
+    write_durable(tmp, json_text(doc) + "\n")
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")
 

@@ -7,6 +7,7 @@ rank's box from it with DTensor's own shard arithmetic.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from itertools import product
 
@@ -72,6 +73,11 @@ def _whole_value_placements() -> tuple[type, ...]:
 
 def rank_boxes(shape: tuple[int, ...], *layouts: Layout) -> dict[int, Box]:
     """Global rank -> the box it holds (empty boxes included), over one or more layouts."""
+    return dict(_rank_boxes(tuple(shape), layouts))
+
+
+@functools.lru_cache(maxsize=4096)  # a model repeats a few shapes and layouts in every layer
+def _rank_boxes(shape: tuple[int, ...], layouts: tuple[Layout, ...]) -> tuple[tuple[int, Box], ...]:
     from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
     out: dict[int, Box] = {}
@@ -82,7 +88,7 @@ def rank_boxes(shape: tuple[int, ...], *layouts: Layout) -> dict[int, Box]:
                 shape, layout.mesh_shape, list(coord), list(layout.placements)
             )
             out[rank] = (tuple(int(o) for o in offset), tuple(int(s) for s in local_shape))
-    return out
+    return tuple(out.items())
 
 
 def check_tiling(name: str, shape: tuple[int, ...], layout: Layout, boxes: dict[int, Box]) -> None:
@@ -109,3 +115,18 @@ def check_tiling(name: str, shape: tuple[int, ...], layout: Layout, boxes: dict[
             f"tensor {name!r} with {layout.describe()}: the local pieces are not boxes that tile "
             "the tensor, so it cannot be assembled; this layout is not supported"
         )
+
+
+def group_boxes(name: str, shape: tuple[int, ...], layouts: tuple[Layout, ...], group_rank) -> dict[int, Box]:
+    """Group rank -> the box it holds, over the layouts of a tensor (one per replica group).
+
+    group_rank maps a global rank to the saving group's rank (-1 if not a member): every rank of a
+    DTensor's mesh must be in the group that saves it.
+    """
+    boxes = {group_rank(r): b for r, b in rank_boxes(shape, *layouts).items()}
+    if -1 in boxes:
+        raise ValueError(
+            f"tensor {name!r} is sharded over global ranks {sorted({r for l in layouts for r in l.mesh_ranks})}, "
+            "not all of which are in the process group saving it"
+        )
+    return boxes

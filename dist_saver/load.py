@@ -19,7 +19,7 @@ from .progress import Progress
 from .reader import open_weights
 from .state import alias_key, as_state_dict
 from .buffers import StagingBuffer
-from .verify import verify as verify_files
+from .verify import verify_spans
 
 log = logging.getLogger("dist_saver")
 
@@ -30,6 +30,7 @@ class LoadResult:
     loaded: list[str] = field(default_factory=list)  # target names filled
     files_opened: list[str] = field(default_factory=list)
     bytes_read: int = 0
+    bytes_verified: int = 0  # with verify=True: the bytes of the recorded ranges checked
     seconds: float = 0.0
 
 
@@ -93,7 +94,8 @@ def dist_load(
     2-D), reads only its shard's byte ranges. With strict, names the checkpoint lacks or has in
     excess raise CheckpointError; shape or dtype mismatches always do. If a process group is
     initialised, an error on any rank is raised on every rank. verify=True first checks the
-    checksums of the files this rank reads. progress: a tqdm bar on rank 0 of the bytes read by
+    recorded checksums of the byte ranges covering what this rank reads (its shard, not the
+    whole file, for checkpoints written by several ranks per file). progress: a tqdm bar on rank 0 of the bytes read by
     all ranks (None: when stderr is a terminal and the load takes over 2 s; True; False).
     """
     t0 = time.perf_counter()
@@ -164,11 +166,14 @@ def _load_into(targets, path: str, strict: bool, result: LoadResult, verify: boo
     if progress is not None:  # the bytes this rank will deliver into its targets
         progress.set_total(sum(math.prod(t.shape if box is None else box[1]) * t.dtype.itemsize
                                for entries in reads.values() for _, t, box in entries))
-    if verify:
-        verify_files(path, by_file)
+    if verify and not (index.ours or {}).get("files"):
+        raise CheckpointError(f"{index.directory}: no checksums recorded (not written by dist_saver)")
     for file, stored_names in by_file.items():
         result.files_opened.append(file)
         with open_shard(index, file) as f:
+            if verify:  # the recorded ranges covering the header and what this rank reads, first
+                result.bytes_verified += verify_spans(index, file, [(0, 1)] + [
+                    _span(f.info(stored), box) for stored in stored_names for _, _, box in reads[stored]])
             for stored in stored_names:
                 dtype, shape, _ = f.info(stored)
                 for name, target, box in reads[stored]:
@@ -182,6 +187,15 @@ def _load_into(targets, path: str, strict: bool, result: LoadResult, verify: boo
                         result.bytes_read += f.read_into(stored, local.detach(), box, staging)
                     if progress is not None:
                         progress.add(local.numel() * local.element_size())
+
+
+def _span(info: tuple, box) -> tuple[int, int]:
+    """The file bytes from the first to the last row of a box (all of the tensor for None)."""
+    dtype, shape, start = info
+    if box is None or not shape:
+        return start, start + max(1, dtype.itemsize * math.prod(shape))
+    row = dtype.itemsize * math.prod(shape[1:])
+    return start + box[0][0] * row, start + (box[0][0] + box[1][0]) * row
 
 
 def _own_box(name: str, target: torch.Tensor):

@@ -1,7 +1,14 @@
 """The save plan: a pure function of the gathered metadata.
 
-Every rank computes the same Plan from the same inputs, so file names, headers and offsets need no
-further communication. No torch.distributed, no I/O, no tensor data here.
+Every rank computes the same Plan from the same inputs, so file names, headers, offsets and the
+rank that writes every byte range need no further communication. No torch.distributed, no I/O, no
+tensor data here.
+
+Each tensor has one owner (balanced by bytes), whose file holds it; the owner creates the file and
+writes its header. The tensor's bytes are written in place by the ranks that hold them: a row band
+that one rank holds whole (a Shard(0) piece: FSDP2, colwise TP; or a replicated tensor) is written by
+that rank from its own memory; a band split across ranks by columns (rowwise TP, 2-D) is assembled
+on one of the ranks holding its pieces (the exchange), with the bands spread across those ranks.
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import functools
 import gc
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 from . import format as fmt
 from .errors import PlanError
@@ -28,13 +35,52 @@ class TensorInfo(NamedTuple):
     holders: tuple[int, ...] | None = None
 
 
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offset, shape) of a piece in the global tensor
+
+
+class Segment(NamedTuple):
+    """Rows [lo, hi) along dim 0 of a tensor (0-d: [0, 1)), at data offsets [begin, end) of its file."""
+
+    name: str
+    lo: int
+    hi: int
+    begin: int
+    end: int
+    rank: int  # the rank that writes it
+    assembled: bool  # its pieces are on several ranks: assembled on `rank` through the exchange
+
+
+class Extent(NamedTuple):
+    """Consecutive bytes of a file's data written by one rank in one pass (adjacent segments of the
+    same rank and kind): written, checksummed and reported as a unit."""
+
+    begin: int  # data offsets (relative to the data buffer, like HeaderEntry)
+    end: int
+    rank: int
+    assembled: bool
+    segments: tuple[Segment, ...]
+
+
 @dataclass(frozen=True)
 class FilePlan:
     number: int  # 1-based, global
     name: str
-    rank: int  # the only rank that writes this file
+    rank: int  # the owner: creates the file and writes its header
     tensors: tuple[fmt.HeaderEntry, ...]  # in data order; offsets relative to the data buffer
     data_size: int
+    extents: tuple[Extent, ...] = ()  # who writes which data bytes, in order, tiling [0, data_size)
+
+    @functools.cached_property
+    def header(self) -> bytes:
+        return fmt.encode_header(self.tensors)
+
+    @property
+    def data_start(self) -> int:
+        return len(self.header)
+
+    @property
+    def size(self) -> int:
+        return self.data_start + self.data_size
 
 
 @dataclass(frozen=True)
@@ -48,7 +94,12 @@ class Plan:
         return sum(f.data_size for f in self.files)
 
     def files_of(self, rank: int) -> list[FilePlan]:
+        """The files this rank owns (creates)."""
         return [f for f in self.files if f.rank == rank]
+
+    def extents_of(self, rank: int) -> list[tuple[FilePlan, Extent]]:
+        """What this rank writes, in file order."""
+        return [(f, e) for f in self.files for e in f.extents if e.rank == rank]
 
     def weight_map(self) -> dict[str, str]:
         return {t.name: f.name for f in self.files for t in f.tensors}
@@ -57,9 +108,11 @@ class Plan:
         return {t.name: f.rank for f in self.files for t in f.tensors}
 
     def bytes_per_rank(self) -> list[int]:
+        """Data bytes each rank writes."""
         out = [0] * self.world_size
         for f in self.files:
-            out[f.rank] += f.data_size
+            for e in f.extents:
+                out[e.rank] += e.end - e.begin
         return out
 
 
@@ -181,8 +234,15 @@ def make_plan(
     world_size: int,
     max_shard_size: int | None = None,
     aliases: dict[str, str] | None = None,
+    boxes: Mapping[str, Mapping[int, Box]] | None = None,
 ) -> Plan:
-    """Owner and file of every tensor, the files' global numbering and each tensor's offsets."""
+    """Owner and file of every tensor, the files' global numbering, each tensor's offsets, and the
+    rank that writes every byte range.
+
+    boxes: for each sharded tensor (DTensor), the box of the global tensor that each rank holds
+    (ranks holding nothing may be absent or have an empty box). Tensors not in it are held whole by
+    their holders, and written by their owner.
+    """
     if world_size < 1:
         raise ValueError("world_size must be >= 1")
     aliases = dict(aliases or {})
@@ -204,12 +264,82 @@ def make_plan(
 
     total_files = sum(len(fs) for fs in per_rank)
     out: list[FilePlan] = []
+    load = [0] * world_size  # bytes each rank writes so far, to spread the choices
     for rank, files in enumerate(per_rank):
         for members in files:
             number = len(out) + 1
             entries, offset = _layout_file(members)
-            out.append(FilePlan(number, fmt.shard_file_name(number, total_files), rank, entries, offset))
+            segments = [s for e in entries for s in _segments(e, rank, (boxes or {}).get(e.name), load)]
+            out.append(FilePlan(number, fmt.shard_file_name(number, total_files), rank, entries, offset,
+                                _extents(segments)))
     return Plan(world_size, tuple(out), aliases)
+
+
+def _segments(entry: fmt.HeaderEntry, owner: int, boxes: Mapping[int, Box] | None, load: list[int]):
+    """Who writes which rows of one tensor (see the module docstring)."""
+    nbytes = entry.end - entry.begin
+    if nbytes == 0:
+        return []
+    shape = entry.shape
+    rows = shape[0] if shape else 1
+    if boxes is None:  # held whole by its owner
+        load[owner] += nbytes
+        return [Segment(entry.name, 0, rows, entry.begin, entry.end, owner, False)]
+    full = ((0,) * len(shape), tuple(shape))
+    whole = [r for r, b in boxes.items() if b == full]
+    if whole:  # replicated: its owner writes it if it holds it, else the least loaded holder
+        writer = owner if owner in whole else _least_loaded(whole, load)
+        load[writer] += nbytes
+        return [Segment(entry.name, 0, rows, entry.begin, entry.end, writer, False)]
+    row_bytes = nbytes // rows
+    holders: dict[Box, list[int]] = {}
+    for r, b in sorted(boxes.items()):
+        if all(s > 0 for s in b[1]):
+            holders.setdefault(b, []).append(r)
+    cuts = sorted({0, rows} | {c for off, shp in holders for c in (off[0], off[0] + shp[0])})
+    # The boxes over each band between consecutive cuts (a box spans the bands from its first row
+    # to its last): one pass over the boxes, not bands x boxes (1024 FSDP ranks: 1024 of each).
+    at = {c: i for i, c in enumerate(cuts)}
+    over: list[list[tuple[Box, list[int]]]] = [[] for _ in cuts[1:]]
+    for box, ranks in holders.items():
+        for i in range(at[box[0][0]], at[box[0][0] + box[1][0]]):
+            over[i].append((box, ranks))
+    out = []
+    for (a, b), band_boxes in zip(zip(cuts, cuts[1:]), over):
+        wide = sorted({r for box, ranks in band_boxes if box[1][1:] == shape[1:] for r in ranks})
+        if wide:  # one run of the file that these ranks hold: written in place by one of them
+            bands, ranks, assembled = [(a, b)], wide, False
+        else:  # split by columns: cut into one band per rank holding a piece, each assembled there
+            ranks = sorted({r for _, rs in band_boxes for r in rs})
+            if not ranks:
+                raise PlanError(f"tensor {entry.name!r}: rows {a}-{b} are held by no rank")
+            k = min(len(ranks), b - a)
+            bands = [(a + (b - a) * j // k, a + (b - a) * (j + 1) // k) for j in range(k)]
+            assembled = True
+        for lo, hi in bands:
+            writer = _least_loaded(ranks, load)
+            load[writer] += (hi - lo) * row_bytes
+            out.append(Segment(entry.name, lo, hi, entry.begin + lo * row_bytes, entry.begin + hi * row_bytes,
+                               writer, assembled))
+    return out
+
+
+def _least_loaded(ranks: Sequence[int], load: list[int]) -> int:
+    return min(ranks, key=lambda r: (load[r], r))
+
+
+def _extents(segments: list[Segment]) -> tuple[Extent, ...]:
+    """Adjacent segments of the same rank and kind merge into one extent."""
+    out: list[Extent] = []
+    run: list[Segment] = []
+    for s in segments:
+        if run and (s.rank != run[-1].rank or s.assembled != run[-1].assembled or s.begin != run[-1].end):
+            out.append(Extent(run[0].begin, run[-1].end, run[0].rank, run[0].assembled, tuple(run)))
+            run = []
+        run.append(s)
+    if run:
+        out.append(Extent(run[0].begin, run[-1].end, run[0].rank, run[0].assembled, tuple(run)))
+    return tuple(out)
 
 
 def _layout_file(members: list[TensorInfo]) -> tuple[tuple[fmt.HeaderEntry, ...], int]:

@@ -1,4 +1,4 @@
-"""dist_save: describe -> plan -> write -> commit, called on every rank."""
+"""dist_save: describe -> plan -> create files -> write in place -> commit, called on every rank."""
 
 from __future__ import annotations
 
@@ -9,16 +9,18 @@ from dataclasses import dataclass, field
 
 from . import format as fmt
 from .comm import Comm, describe_error, raise_if_failed, save_group
-from .commit import Target, write_index
+from .commit import Target, WrittenFile, check_written, write_index, written_files
 from .hf import extra_files
 from .hub import Upload
-from .exchange import DEFAULT_BUCKET_BYTES, Exchanger, make_schedule
+from .exchange import DEFAULT_BUCKET_BYTES, make_schedule
+from .layout import group_boxes
 from .plan import Plan, make_plan, merge_metadata
 from .progress import Progress
+from .share import create_files, write_share
 from .snapshot import snapshot
 from .state import collect
 from .async_save import AsyncSave, wait_for_pending_save
-from .writer import Streamer, WrittenFile, write_file
+from .writer import Streamer
 
 log = logging.getLogger("dist_saver")
 
@@ -30,15 +32,18 @@ class SaveResult:
     path: str
     rank: int
     world_size: int
-    files: list[WrittenFile]  # every rank's files
+    files: list[WrittenFile]  # every file, with the ranges each rank wrote
     total_bytes: int  # tensor data bytes in the checkpoint
     seconds: float
     index_path: str = ""
     plan: Plan | None = field(default=None, repr=False)
     upload: object = field(default=None, repr=False)  # rank 0 with push_to_hub: hub.Upload
+    bytes_sent: list[int] = field(default_factory=list)  # by rank: bytes it sent through the exchange
+    bytes_written: list[int] = field(default_factory=list)  # by rank: file bytes it wrote
 
     @property
     def my_files(self) -> list[WrittenFile]:
+        """The files this rank owns (created); other ranks may have written parts of them."""
         return [f for f in self.files if f.rank == self.rank]
 
     @property
@@ -65,12 +70,13 @@ def dist_save(
 ):
     """Save on every rank of the group into one Hugging Face safetensors checkpoint at path.
 
-    Collective: every rank calls it with its own model or state dict. Each tensor is written
-    once, by one owner rank (balanced by bytes); rank 0 publishes model.safetensors.index.json
-    last, so its presence means the checkpoint is complete.
-
-    Sharded tensors (DTensor: FSDP2, tensor parallel, 2-D) are assembled on their owner from the
-    pieces the other ranks hold, bucket_size bytes (per owner, per round) at a time.
+    Collective: every rank calls it with its own model or state dict. Each tensor lives in the
+    file of one owner rank (balanced by bytes), which creates the file; its bytes are written in
+    place, once, by ranks that hold them: replicated tensors by their owner, a sharded tensor's
+    row pieces (DTensor Shard(0): FSDP2, colwise TP) by the ranks holding them. Only pieces split
+    by columns (rowwise TP, 2-D) cross the network: each row band is assembled on one of the
+    ranks holding its pieces, bucket_size bytes per writer per round. Rank 0 publishes
+    model.safetensors.index.json last, so its presence means the checkpoint is complete.
 
     A transformers PreTrainedModel also gets its config.json (and generation_config.json) written
     beside the weights, as save_pretrained does, inside the same atomic publish.
@@ -84,8 +90,8 @@ def dist_save(
     directories, so path holds the previous complete checkpoint or the new one, never a mix.
     overwrite=True is needed to replace an existing checkpoint. timeout (seconds) bounds every
     collective of the save (they run on a gloo group of their own): if a rank dies, the others
-    raise within it instead of hanging. checksums: record each file's xxh3-64 (computed while
-    writing) in the index, for verify(). Files are written through the page cache with their
+    raise within it instead of hanging. checksums: record the xxh3-64 of every byte range each rank
+    wrote (computed while writing) in the index, for verify(). Files are written through the page cache with their
     writeback started as each buffer lands (the dirty tail bounded, then fsync);
     direct_io=True writes with O_DIRECT instead (falling back where the filesystem refuses it).
     Both were measured: buffered was as fast or faster on both machines we have (README).
@@ -146,20 +152,18 @@ class _Options:
 
 @dataclass
 class _Prepared:
-    """Everything a rank needs to write its files, the same plan on every rank."""
+    """Everything a rank needs to write its share, the same plan on every rank."""
 
     local: object  # LocalState
     infos: list
     plan: Plan
     sched: object  # exchange.Schedule
+    boxes: dict  # sharded tensor -> group rank -> the box it holds
 
     def tensors_read_by(self, rank: int) -> set[str]:
-        """The local tensors this rank writes itself or sends pieces of."""
-        names = {t.name for f in self.plan.files_of(rank) for t in f.tensors if t.name not in self.sched.chunks}
-        for name, chunks in self.sched.chunks.items():
-            if any(p.src == rank for c in chunks for p in c.pieces):
-                names.add(name)
-        return names
+        """The local tensors this rank writes from or sends pieces of."""
+        names = {s.name for _, e in self.plan.extents_of(rank) if not e.assembled for s in e.segments}
+        return names | {name for name, src in self.sched.senders() if src == rank}
 
 
 def _prepare(local, error, comm: Comm, opts: _Options) -> _Prepared:
@@ -171,21 +175,22 @@ def _prepare(local, error, comm: Comm, opts: _Options) -> _Prepared:
     infos, aliases = merge_metadata(
         [(ranks, value[0]) for ranks, value in groups], comm.world_size, [value[1] for _, value in groups]
     )
-    plan = make_plan(infos, comm.world_size, opts.max_shard_bytes, aliases)
     # A tensor replicated over several meshes (e.g. not tensor-parallel under 2-D) has one
-    # layout per replica group: every one of them can supply pieces.
+    # layout per replica group: every one of them holds pieces.
     layouts: dict[str, tuple] = {}
     for _, (metas, _) in groups:
         for m in metas:
             if m.layout is not None and m.layout not in layouts.get(m.name, ()):
                 layouts[m.name] = layouts.get(m.name, ()) + (m.layout,)
     shapes = {i.name: i.shape for i in infos}
-    sched = make_schedule(plan, shapes, layouts, comm.group_rank, opts.bucket_bytes)
-    return _Prepared(local, infos, plan, sched)
+    boxes = {name: group_boxes(name, shapes[name], ls, comm.group_rank) for name, ls in layouts.items()}
+    plan = make_plan(infos, comm.world_size, opts.max_shard_bytes, aliases, boxes)
+    sched = make_schedule(plan, shapes, boxes, opts.bucket_bytes)
+    return _Prepared(local, infos, plan, sched, boxes)
 
 
 def _write_and_commit(prep: _Prepared, path: str, comm: Comm, opts: _Options, t0: float) -> SaveResult:
-    """Steps 3-5: stage, stream this rank's files, publish the index and the files together."""
+    """Steps 3-5: stage, create and write the files in place, publish the index and files together."""
     # 3. Rank 0 takes the lock and makes a staging directory; nobody writes until it has.
     target, staging, error = Target(path), None, None
     if comm.rank == 0:
@@ -194,83 +199,83 @@ def _write_and_commit(prep: _Prepared, path: str, comm: Comm, opts: _Options, t0
             staging = target.begin(opts.overwrite)
         except Exception as e:
             error = e
-    comm.agree(error, f"preparing {path}")
-    staging = comm.broadcast_object(staging, 0)
-    try:
+    took = staging is not None  # rank 0 holds the lock and made the staging directory
+    try:  # from here every way out releases what rank 0 took (and only that)
+        staging = comm.agree(error, f"preparing {path}", share=staging)
         return _write_staged(prep, target, staging, comm, opts, t0)
     except BaseException:
-        if comm.rank == 0:  # the old checkpoint (if any) is untouched; drop the new pieces
+        if took:  # the old checkpoint (if any) is untouched; drop the new pieces
             target.abort()
         raise
     finally:
-        if comm.rank == 0 and target.owner is None:  # else the upload releases it when done
+        if took and target.owner is None:  # else the upload releases it when done
             target.release()
 
 
 def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opts: _Options,
                   t0: float) -> SaveResult:
-    local, plan, sched = prep.local, prep.plan, prep.sched
-    shapes = {i.name: i.shape for i in prep.infos}
+    local, plan = prep.local, prep.plan
     dtypes = {i.name: i.dtype for i in prep.infos}
+    shapes = {i.name: i.shape for i in prep.infos}
     path = target.path
-
-    # 4. Every rank streams its own files into the staging directory.
-    written: list[WrittenFile] = []
-    error = None
-    exchanger = streamer = None
     progress = Progress("save", comm, f"saving {os.path.basename(path)}", opts.progress)
+    progress.set_total(sum(e.end - e.begin for _, e in plan.extents_of(comm.rank)))  # data bytes
+    cuda = any(t.device.type == "cuda" for t in local.tensors.values())
+    streamer = Streamer(cuda=cuda, checksums=opts.checksums, direct_io=opts.direct_io,
+                        on_written=progress.add, rank=comm.rank)
+    ranges, sent, error = [], 0, None
     try:
-        progress.set_total(sum(f.data_size for f in plan.files_of(comm.rank)))
-        cuda = any(t.device.type == "cuda" for t in local.tensors.values())
-        streamer = Streamer(cuda=cuda, checksums=opts.checksums, direct_io=opts.direct_io,
-                            on_written=progress.add)
-        exchanger = Exchanger(sched, comm, local.tensors, shapes, dtypes, opts.bucket_bytes)
-
-        def blocks_of(name):
-            if name in sched.chunks:
-                return exchanger.blocks_of(name)
-            return [(local.tensors[name], True)] if name in local.tensors else []
-
-        for fplan in plan.files_of(comm.rank):
-            written.append(write_file(streamer, os.path.join(staging, fplan.name), fplan, blocks_of, comm.rank))
-    except Exception as e:
-        error = e
-    finally:
+        # 4a. Each owner creates its files (header, final size) before anyone writes into them.
         try:
-            if exchanger is not None:
-                exchanger.finish()  # the other owners may still need this rank's pieces
-        finally:
-            if streamer is not None:
-                streamer.close()
+            ranges = create_files(plan, streamer, staging, comm.rank)
+        except Exception as e:
+            error = e
+        comm.agree(error, f"creating the files of {path}")
+        # 4b. Every rank writes its share in place; the writes are durable before it reports.
+        t_write = time.perf_counter()
+        try:
+            mine, sent = write_share(plan, prep.sched, comm, streamer, staging, local.tensors, prep.boxes,
+                                     shapes, dtypes)
+            streamer.finish()
+            ranges += mine
+        except Exception as e:
+            error = e
+        seconds = time.perf_counter() - t_write
+    finally:
+        streamer.close()
     progress.flush()
     try:
-        reports = comm.all_gather_object((written, describe_error(error)))
+        reports = comm.all_gather_object((ranges, sent, seconds, describe_error(error)))
     finally:
         progress.close()
-    raise_if_failed([r[1] for r in reports], f"writing {path}")
-    all_written = [w for r in reports for w in r[0]]
+    raise_if_failed([r[3] for r in reports], f"writing {path}")
+    all_ranges = [w for r in reports for w in r[0]]
 
-    # 5. Rank 0 checks the files against the plan, writes the index, and publishes it all.
+    # 5. Rank 0 checks every range against the plan, writes the index, and publishes it all.
     error, index_path = None, os.path.join(path, fmt.INDEX_NAME)
     if comm.rank == 0:
         try:
+            check_written(plan, all_ranges)
             fmt.write_extra_files(staging, opts.extra_files)
-            write_index(staging, plan, all_written, [name for name, _ in opts.extra_files])
+            write_index(staging, plan, written_files(plan, all_ranges), [name for name, _ in opts.extra_files])
             target.publish()
         except Exception as e:
             error = e
     comm.agree(error, f"publishing {path}")
 
+    written = [0] * comm.world_size
+    for w in all_ranges:
+        written[w.rank] += w.end - w.begin
     result = SaveResult(
-        path, comm.rank, comm.world_size, all_written, plan.total_size,
-        time.perf_counter() - t0, index_path, plan,
+        path, comm.rank, comm.world_size, written_files(plan, all_ranges), plan.total_size,
+        time.perf_counter() - t0, index_path, plan, bytes_sent=[r[1] for r in reports], bytes_written=written,
     )
     if comm.rank == 0:
-        slowest = max(all_written, key=lambda w: w.seconds, default=None)
+        slowest = max(range(len(reports)), key=lambda r: reports[r][2])
         log.info(
-            "saved %s: %.3f GB in %d files from %d rank(s) in %.2fs (%.2f GB/s)%s",
-            path, result.total_bytes / 1e9, len(all_written), comm.world_size, result.seconds,
-            result.gb_per_s, f", slowest rank {slowest.rank}" if slowest else "",
+            "saved %s: %.3f GB in %d files from %d rank(s) in %.2fs (%.2f GB/s), %.3f GB exchanged, "
+            "slowest rank %d", path, result.total_bytes / 1e9, len(result.files), comm.world_size,
+            result.seconds, result.gb_per_s, sum(result.bytes_sent) / 1e9, slowest,
         )
         # After the publish, so the Hub gets only a complete checkpoint; in a thread that now owns
         # the lock, so no other save replaces the directory during the upload, and nobody waits.

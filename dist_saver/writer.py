@@ -1,29 +1,30 @@
-"""Streams planned files to disk: header, then each tensor's bytes in plan order.
+"""Writes byte ranges of planned files in place: the owner creates each file (header, size), then
+every rank streams its own ranges into it at their offsets, concurrently with the other ranks.
 
 Every byte goes through a small pool of aligned, reused buffers: the caller's thread copies tensor
 blocks in (from CPU memory, any strides, or from the GPU on a side stream), a writer thread writes
-full buffers out with O_DIRECT, so copying the next buffer overlaps writing the last. The file
-ends padded to a block and is truncated to its size. Filesystems that refuse O_DIRECT get the same
-path with ordinary writes. Extra memory: the pool, never a tensor.
+full buffers out, so copying the next buffer overlaps writing the last. Buffers map to
+block-aligned file offsets, so with direct_io the aligned middle of each range is written with
+O_DIRECT and only its unaligned edges (the blocks it shares with a neighbour's range) through the
+page cache. By default everything goes through the page cache with early writeback (_Writeback).
+Extra memory: the pool, never a tensor.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import math
 import os
 import queue
 import threading
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 
-from . import format as fmt
-from .buffers import ALIGN, BufferPool, as_bytes, shared_pool
+from .buffers import ALIGN, as_bytes, shared_pool
 from .checksum import Hasher
-from .plan import FilePlan
 
 DEFAULT_BUFFER_BYTES = 16 << 20
 DEFAULT_BUFFER_COUNT = 4
@@ -57,10 +58,10 @@ class _Writeback:
     touches only ~lag bytes of fresh page-cache memory (as O_DIRECT, the file is not left cached).
     """
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, start: int = 0):
         self.fd, self.lag = fd, WRITEBACK_LAG_BYTES  # read here, so tests can shrink it
-        self.started = 0  # writeback started for [0, started)
-        self.done = 0  # on disk and dropped: [0, done)
+        self.started = start  # writeback started for [start, started)
+        self.done = start  # on disk and dropped: [start, done)
         self.on = _SYNC_FILE_RANGE is not None
 
     def _range(self, begin: int, end: int, flags: int) -> None:
@@ -69,7 +70,7 @@ class _Writeback:
             raise OSError(err, f"sync_file_range: {os.strerror(err)}")
 
     def wrote(self, end: int) -> None:
-        """Bytes [0, end) are in the page cache (called in file order, from the writer thread)."""
+        """Bytes [start, end) are in the page cache (called in file order, from the writer thread)."""
         if not self.on or end <= self.started:
             return
         try:
@@ -93,26 +94,48 @@ _UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP}
 
 
 @dataclass
-class WrittenFile:
-    """What a rank actually wrote: checked against the plan before the index is published."""
+class WrittenRange:
+    """Bytes [begin, end) of one file, as a rank actually wrote them: checked against the plan
+    before the index is published, and recorded in it with their checksum."""
 
-    name: str
+    file: str  # the file's name in the checkpoint directory
+    begin: int  # file offsets
+    end: int
     rank: int
-    size: int  # bytes of the whole file
-    tensors: dict[str, int] = field(default_factory=dict)  # name -> data bytes written
-    seconds: float = 0.0
+    checksum: str = ""  # "<algorithm>:<hex>" of these bytes, computed as they were written
     direct_io: bool = False
-    checksum: str = ""  # "<algorithm>:<hex>" of the whole file, computed as it was written
 
 
-def _o_direct_supported() -> bool:
-    return hasattr(os, "O_DIRECT")
+class _OpenFile:
+    """This rank's descriptors of one file: page-cache writes, and O_DIRECT ones if asked for."""
+
+    def __init__(self, path: str, fd: int):
+        self.path, self.fd, self.direct = path, fd, -1
+
+
+class _Job(NamedTuple):
+    """Write buf[lo:hi] at file offset base + lo (buf[0] sits at the block-aligned offset base)."""
+
+    file: _OpenFile
+    base: int
+    lo: int
+    hi: int
+    buf: torch.Tensor
+    hasher: Hasher | None  # hash on the writer thread (after the device copy landed), or None
+    event: object  # a CUDA event the copies into buf are waited on, or None
+    writeback: _Writeback | None
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        k = os.pwrite(fd, view, offset)
+        view, offset = view[k:], offset + k
 
 
 class _WriterThread:
-    """Writes (fd, offset, buffer, nbytes) jobs in order; returns buffers to the pool."""
+    """Writes jobs in order (from any number of filling threads); returns buffers to the pool."""
 
-    def __init__(self, pool: BufferPool, on_written: Callable[[int], None] | None = None):
+    def __init__(self, pool, on_written: Callable[[int], None] | None = None):
         self.pool = pool
         self.on_written = on_written  # progress: the file bytes each write made
         self.jobs: queue.Queue = queue.Queue()
@@ -126,29 +149,39 @@ class _WriterThread:
             if job is None:
                 self.jobs.task_done()
                 return
-            fd, offset, buf, n, real, hasher, event, writeback = job
             try:
                 if self.error is None:
-                    if event is not None:
-                        event.synchronize()  # the device-to-host copies into buf are done
-                    view = as_bytes(buf)[:n]
-                    if hasher is not None:  # after the device copy landed; in file order
-                        hasher.update(view[:real])  # the file's bytes, not the O_DIRECT padding
-                    while view:
-                        k = os.pwrite(fd, view, offset)
-                        view, offset = view[k:], offset + k
-                    if writeback is not None:
-                        writeback.wrote(offset)
-                    if self.on_written is not None:
-                        self.on_written(real)
-            except BaseException as e:  # reported to the caller at its next put/close
+                    self._write(job)
+            except BaseException as e:  # reported to the caller at its next put/finish
                 self.error = e
             finally:
-                self.pool.give(buf)
+                self.pool.give(job.buf)
                 self.jobs.task_done()
 
-    def submit(self, fd, offset, buf, n, real, hasher, event, writeback=None) -> None:
-        self.jobs.put((fd, offset, buf, n, real, hasher, event, writeback))
+    def _write(self, job: _Job) -> None:
+        if job.event is not None:
+            job.event.synchronize()  # the device-to-host copies into buf are done
+        view = as_bytes(job.buf)
+        if job.hasher is not None:
+            job.hasher.update(view[job.lo : job.hi])
+        start, stop = job.base + job.lo, job.base + job.hi
+        f = job.file
+        if f.direct >= 0:  # O_DIRECT for whole blocks; the edges shared with a neighbour buffered
+            a = min(stop, -(-start // ALIGN) * ALIGN)
+            b = max(a, stop // ALIGN * ALIGN)
+            parts = ((f.fd, start, a), (f.direct, a, b), (f.fd, b, stop))
+        else:
+            parts = ((f.fd, start, stop),)
+        for fd, x, y in parts:
+            if x < y:
+                _pwrite_all(fd, view[x - job.base : y - job.base], x)
+        if job.writeback is not None:
+            job.writeback.wrote(stop)
+        if self.on_written is not None:
+            self.on_written(job.hi - job.lo)
+
+    def submit(self, job: _Job) -> None:
+        self.jobs.put(job)
 
     def drain(self) -> None:
         self.jobs.join()
@@ -161,11 +194,12 @@ class _WriterThread:
 
 
 class Streamer:
-    """One per save and rank: the buffer pool, the writer thread and the CUDA side stream."""
+    """One per save and rank: the buffer pool, the writer thread, the CUDA side stream, and this
+    rank's open files. Thread-safe: several threads may stream ranges at once."""
 
     def __init__(self, buffer_bytes: int = DEFAULT_BUFFER_BYTES, count: int = DEFAULT_BUFFER_COUNT,
                  cuda: bool = False, direct_io: bool = False, checksums: bool = True,
-                 on_written: Callable[[int], None] | None = None):
+                 on_written: Callable[[int], None] | None = None, rank: int = 0):
         if buffer_bytes % ALIGN:
             raise ValueError(f"buffer size must be a multiple of {ALIGN}")
         self.pool = shared_pool(count, buffer_bytes, pinned=cuda)
@@ -173,11 +207,76 @@ class Streamer:
         self.stream = torch.cuda.Stream() if cuda and torch.cuda.is_available() else None
         if self.stream is not None:  # copies must see what the training stream wrote
             self.stream.wait_stream(torch.cuda.current_stream())
-        self.direct_io = direct_io and _o_direct_supported()
+        self.direct_io = direct_io and hasattr(os, "O_DIRECT")
         self.checksums = checksums
+        self.rank = rank
+        self._files: dict[str, _OpenFile] = {}
+        self._pending: list[tuple[WrittenRange, Hasher]] = []  # checksums known after the drain
+        self._lock = threading.Lock()
+
+    def create(self, path: str, header: bytes, size: int) -> WrittenRange:
+        """As the file's owner: create it with its header and its final size, before anyone writes."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with self._lock:
+                self._files[path] = _OpenFile(path, fd)
+            _pwrite_all(fd, memoryview(header), 0)
+            os.ftruncate(fd, size)
+        except OSError as e:
+            raise OSError(e.errno, f"creating {path} on rank {self.rank}: {e.strerror or e}") from e
+        checksum = ""
+        if self.checksums:
+            h = Hasher()
+            h.update(header)
+            checksum = h.digest()
+        return WrittenRange(os.path.basename(path), 0, len(header), self.rank, checksum)
+
+    def _file(self, path: str) -> _OpenFile:
+        with self._lock:
+            f = self._files.get(path)
+            if f is None:
+                f = self._files[path] = _OpenFile(path, os.open(path, os.O_WRONLY))
+            if self.direct_io and f.direct < 0:
+                try:
+                    f.direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    self.direct_io = False  # e.g. tmpfs: remember, don't retry per file
+            return f
+
+    def open_range(self, path: str, begin: int, end: int) -> "RangeStream":
+        """A stream of exactly the bytes [begin, end) of the (created) file at path."""
+        try:
+            f = self._file(path)
+        except OSError as e:
+            raise OSError(e.errno, f"opening {path} on rank {self.rank}: {e.strerror or e}") from e
+        return RangeStream(self, f, begin, end)
+
+    def finish(self) -> list[WrittenRange]:
+        """Wait for every write, make this rank's writes durable (fsync each file it wrote into),
+        close the files; fills in the checksums hashed on the writer thread."""
+        self.writer.drain()
+        with self._lock:
+            files, self._files = self._files, {}
+        try:
+            for f in files.values():
+                try:
+                    os.fsync(f.fd)
+                except OSError as e:
+                    raise OSError(e.errno, f"writing {f.path} on rank {self.rank}: {e.strerror or e}") from e
+        finally:
+            _close(files.values())
+        for rng, hasher in self._pending:
+            rng.checksum = hasher.digest()
+        self._pending = []
+        return []
 
     def close(self) -> None:
         self.writer.stop()
+        with self._lock:
+            files, self._files = self._files, {}
+        _close(files.values())
 
     def __enter__(self) -> "Streamer":
         return self
@@ -185,56 +284,56 @@ class Streamer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def open(self, path: str) -> "FileStream":
-        fd = -1
-        direct = False
-        if self.direct_io:
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-                direct = True
-            except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                self.direct_io = False  # e.g. tmpfs: remember, don't retry per file
-        if fd < 0:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        return FileStream(self, path, fd, direct)
+
+def _close(files) -> None:
+    for f in files:
+        for fd in (f.fd, f.direct):
+            if fd >= 0:
+                os.close(fd)
 
 
-class FileStream:
-    """Sequential bytes into one file through the pool; put() copies, the writer thread writes."""
+class RangeStream:
+    """Sequential bytes into [begin, end) of one file through the pool; put() copies, the writer
+    thread writes. Buffers sit at block-aligned file offsets (the first one starts part-way)."""
 
-    def __init__(self, streamer: Streamer, path: str, fd: int, direct: bool):
-        self.s, self.path, self.fd, self.direct = streamer, path, fd, direct
-        self.offset = 0  # file offset of the current buffer
+    def __init__(self, streamer: Streamer, file: _OpenFile, begin: int, end: int):
+        self.s, self.file, self.begin, self.end = streamer, file, begin, end
+        self.base = begin - begin % ALIGN  # file offset of the current buffer's first byte
+        self.start = begin - self.base  # first byte of the current buffer that belongs to us
         self.buf: torch.Tensor | None = None
         self.pos = 0  # bytes filled in the current buffer
+        self.written = 0
         self.pending_device_copy = False
         self.hasher = Hasher() if streamer.checksums else None
-        self.writeback = None if direct else _Writeback(fd)
+        self.hash_on_writer = False  # some bytes came from the GPU: hash them after the copy landed
+        self.writeback = None if file.direct >= 0 else _Writeback(file.fd, begin)
+        self._scratch: torch.Tensor | None = None
 
     def _space(self) -> int:
         if self.buf is None:
             if self.s.writer.error is not None:
                 raise self.s.writer.error
             self.buf = self.s.pool.take()
-            self.pos = 0
-        return self.buf.numel() - self.pos
+            self.pos = self.start
+        return min(self.buf.numel() - self.pos, self.end - self.begin - self.written)
 
-    def _flush(self, n: int | None = None) -> None:
+    def _flush(self) -> None:
         event = None
         if self.pending_device_copy:
             event = torch.cuda.Event()
             event.record(self.s.stream)
             self.pending_device_copy = False
-        n = self.pos if n is None else n
-        hasher = self.hasher
-        if hasher is not None and self.s.stream is None:
-            # CPU data: hash here, while the writer thread writes the previous buffer
-            hasher.update(as_bytes(self.buf)[: self.pos])
-            hasher = None
-        self.s.writer.submit(self.fd, self.offset, self.buf, n, self.pos, hasher, event, self.writeback)
-        self.offset += self.buf.numel()
+            self.hash_on_writer = True
+        hasher = None
+        if self.hasher is not None:
+            if self.hash_on_writer:
+                hasher = self.hasher
+            else:  # host data: hash here, while the writer thread writes the previous buffer
+                self.hasher.update(as_bytes(self.buf)[self.start : self.pos])
+        self.s.writer.submit(_Job(self.file, self.base, self.start, self.pos, self.buf, hasher, event,
+                                  self.writeback))
+        self.base += self.buf.numel()
+        self.start = 0
         self.buf = None
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor, stable: bool) -> None:
@@ -248,11 +347,17 @@ class FileStream:
         else:
             dst.copy_(src)
 
+    def _check_room(self, n: int) -> None:
+        if self.written + n > self.end - self.begin:
+            raise OSError(f"{self.file.path}: {self.written + n} bytes put into a range of "
+                          f"{self.end - self.begin} [{self.begin}, {self.end})")
+
     def put(self, t: torch.Tensor, stable: bool = True) -> int:
-        """Append t's bytes (row-major). stable: t stays unchanged until the file is closed."""
+        """Append t's bytes (row-major). stable: t stays unchanged until the range is closed."""
         if t.numel() == 0:
             return 0
         n_total = t.numel() * t.element_size()
+        self._check_room(n_total)
         if t.is_contiguous():
             flat = t.reshape(-1).view(torch.uint8)
             i = 0
@@ -279,61 +384,51 @@ class FileStream:
             start += block.shape[0]
         return n_total
 
+    def put_rows(self, rows: int, row_shape: tuple[int, ...], dtype: torch.dtype,
+                 fill: Callable[[torch.Tensor, int, int], None]) -> int:
+        """Append `rows` rows built in place: fill(dst, r0, r1) writes rows [r0, r1) into dst, a
+        (r1 - r0, *row_shape) view of the buffer. No intermediate copy of the rows."""
+        row = dtype.itemsize * math.prod(row_shape)
+        self._check_room(rows * row)
+        r = 0
+        while r < rows:
+            fit = self._space() // row
+            if fit == 0:  # a row straddles two buffers: build it aside, then copy its bytes
+                if self._scratch is None or self._scratch.numel() < row:
+                    self._scratch = torch.empty(row, dtype=torch.uint8)
+                one = self._scratch[:row]
+                fill(one.view(dtype).view((1,) + tuple(row_shape)), r, r + 1)
+                self.put(one, stable=False)
+                r += 1
+                continue
+            k = min(fit, rows - r)
+            fill(self.buf[self.pos : self.pos + k * row].view(dtype).view((k,) + tuple(row_shape)), r, r + k)
+            self._advance(k * row)
+            r += k
+        return rows * row
+
     def put_bytes(self, data: bytes) -> None:
         self.put(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
     def _advance(self, k: int) -> None:
         self.pos += k
-        if self.pos == self.buf.numel():
+        self.written += k
+        if self.pos == self.buf.numel() or self.written == self.end - self.begin:
             self._flush()
 
-    def close(self) -> int:
-        """Write what is left, make the file exactly its size and durable; return the size."""
-        try:
-            size = self.offset + (self.pos if self.buf is not None else 0)
-            if self.buf is not None:
-                padded = -(-self.pos // ALIGN) * ALIGN  # O_DIRECT writes whole blocks
-                self.buf[self.pos : padded].zero_()
-                self._flush(padded if self.direct else self.pos)
-            self.s.writer.drain()
-            if self.direct:
-                os.ftruncate(self.fd, size)
-            os.fsync(self.fd)
-            return size
-        finally:
-            os.close(self.fd)
-
-
-def write_file(
-    streamer: Streamer,
-    path: str,
-    plan: FilePlan,
-    blocks_of: Callable[[str], Iterable[tuple[torch.Tensor, bool]]],
-    rank: int,
-) -> WrittenFile:
-    """Write plan's file at path; blocks_of(name) yields (tensor block, stable) in byte order."""
-    t0 = time.perf_counter()
-    written: dict[str, int] = {}
-    try:
-        f = streamer.open(path)
-    except OSError as e:
-        raise OSError(e.errno, f"opening {path} on rank {rank}: {e.strerror or e}") from e
-    try:
-        try:
-            f.put_bytes(fmt.encode_header(plan.tensors))
-            for entry in plan.tensors:
-                n = 0
-                for block, stable in blocks_of(entry.name):
-                    n += f.put(block, stable)
-                written[entry.name] = n
-                if n != entry.end - entry.begin:
-                    raise OSError(
-                        f"tensor {entry.name!r}: wrote {n} bytes but the plan has {entry.end - entry.begin} "
-                        f"(file {plan.name}, rank {rank})"
-                    )
-        finally:
-            size = f.close()
-    except OSError as e:
-        raise OSError(e.errno, f"writing {path} on rank {rank}: {e.strerror or e}") from e
-    return WrittenFile(plan.name, rank, size, written, time.perf_counter() - t0, f.direct,
-                       f.hasher.digest() if f.hasher is not None else "")
+    def close(self) -> WrittenRange:
+        """Hand the last buffer to the writer; the range is durable after Streamer.finish()."""
+        if self.buf is not None:
+            self._flush()
+        if self.written != self.end - self.begin:
+            raise OSError(f"{self.file.path}: wrote {self.written} of the {self.end - self.begin} bytes "
+                          f"of range [{self.begin}, {self.end}) on rank {self.s.rank}")
+        rng = WrittenRange(os.path.basename(self.file.path), self.begin, self.end, self.s.rank,
+                           direct_io=self.file.direct >= 0)
+        if self.hasher is not None:
+            if self.hash_on_writer:
+                with self.s._lock:
+                    self.s._pending.append((rng, self.hasher))
+            else:
+                rng.checksum = self.hasher.digest()
+        return rng

@@ -29,7 +29,7 @@ def tp_plan(layers: int) -> dict:
 
 
 def build(layout: str, world: int, seed: int = 0) -> torch.nn.Module:
-    """layout: none | fsdp | tp | 2d (2-D needs world 4: dp=2 x tp=2)."""
+    """layout: none | fsdp | tp | 2d | hsdp (2-D and HSDP need an even world: 2 x world/2)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
@@ -45,6 +45,11 @@ def build(layout: str, world: int, seed: int = 0) -> torch.nn.Module:
     elif layout == "tp":
         mesh = init_device_mesh("cpu", (world,))
         parallelize_module(model, mesh, tp_plan(DIMS["layers"]))
+    elif layout == "hsdp":  # FSDP2 on a 2-D mesh: replicated across dim 0, sharded across dim 1
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     elif layout == "2d":
         mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
         parallelize_module(model, mesh["tp"], tp_plan(DIMS["layers"]))

@@ -81,9 +81,9 @@ def test_a_live_lock_refuses_a_concurrent_save_and_a_dead_one_is_taken_over(tmp_
 def _failing_rank(rank, world, path, how):
     import dist_saver.save as save_mod
 
-    real = save_mod.write_file
+    real = save_mod.write_share
 
-    def failing(streamer, file_path, plan, blocks_of, r):
+    def failing(*args):
         if rank == 1:
             if how == "raise":
                 raise RuntimeError("injected failure on rank 1")
@@ -94,7 +94,7 @@ def _failing_rank(rank, world, path, how):
 
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
                 resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
-        return real(streamer, file_path, plan, blocks_of, r)
+        return real(*args)
 
     real_index = save_mod.write_index
 
@@ -102,7 +102,7 @@ def _failing_rank(rank, world, path, how):
         real_index(*args)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    save_mod.write_file = failing
+    save_mod.write_share = failing
     if how == "kill_in_commit" and rank == 0:
         save_mod.write_index = index_then_die
     t0 = time.monotonic()
@@ -264,14 +264,14 @@ def _slow_job(path, started, hold):
     """A separate single-process job whose save holds the target for `hold` seconds."""
     import dist_saver.save as save_mod
 
-    real = save_mod.write_file
+    real = save_mod.write_share
 
     def slow(*args):
         started.set()
         time.sleep(hold)
         return real(*args)
 
-    save_mod.write_file = slow
+    save_mod.write_share = slow
     dist_save(new_state(), path, overwrite=True)
 
 

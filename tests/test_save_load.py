@@ -44,15 +44,29 @@ def test_module_roundtrip_keeps_ties(tmp_path):
     assert res.files_opened == ["model-00001-of-00001.safetensors"]
 
 
-def _stream_bytes(path, tensors, direct_io=True, buffer_bytes=4096):
+def _stream_bytes(path, tensors, direct_io=True, buffer_bytes=4096, lead=1000, tail=777):
+    """Stream tensors into bytes [lead, lead + n) of a file whose other bytes other streams write:
+    the range starts and ends mid-block, as a rank's range does beside its neighbours'."""
+    from dist_saver.checksum import Hasher
+
+    n = sum(t.numel() * t.element_size() for t in tensors)
+    size = lead + n + tail
     with Streamer(buffer_bytes=buffer_bytes, count=2, direct_io=direct_io) as s:
-        f = s.open(str(path))
+        s.create(str(path), b"H" * lead, size)  # the owner: header and size first
+        after = s.open_range(str(path), lead + n, size)
+        after.put_bytes(b"T" * tail)
+        after.close()
+        f = s.open_range(str(path), lead, lead + n)
         for t in tensors:
             f.put(t)
-        size = f.close()
+        rng = f.close()
+        s.finish()
     data = open(path, "rb").read()
-    assert len(data) == size
-    return data, f.direct
+    assert len(data) == size and data[:lead] == b"H" * lead and data[lead + n :] == b"T" * tail
+    h = Hasher()
+    h.update(data[lead : lead + n])
+    assert (rng.begin, rng.end, rng.checksum) == (lead, lead + n, h.digest())
+    return data[lead : lead + n], rng.direct_io
 
 
 @pytest.mark.parametrize("direct_io", [True, False])
