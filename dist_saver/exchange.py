@@ -62,17 +62,16 @@ def make_schedule(
 ) -> Schedule:
     """Pure: the chunks and rounds of every assembled segment of the plan.
 
-    Each writer's chunks are numbered into rounds in the order it writes them (file order), at
-    most bucket_bytes per writer per round (a single row larger than that is one chunk).
+    Each writer's chunks are numbered into rounds in the order it writes them (plan.write_order),
+    at most bucket_bytes per writer per round (a single row larger than that is one chunk).
     """
     sched = Schedule()
     used: dict[int, int] = defaultdict(int)  # bytes in each writer's current bucket
     bucket: dict[int, int] = defaultdict(int)
-    for f in plan.files:
-        for extent in f.extents:
+    for w, items in plan.write_order.items():
+        for _, extent in items:
             if not extent.assembled:
                 continue
-            w = extent.rank
             for seg in extent.segments:
                 shape = shapes[seg.name]
                 row = (seg.end - seg.begin) // (seg.hi - seg.lo)

@@ -98,8 +98,26 @@ class Plan:
         return [f for f in self.files if f.rank == rank]
 
     def extents_of(self, rank: int) -> list[tuple[FilePlan, Extent]]:
-        """What this rank writes, in file order."""
-        return [(f, e) for f in self.files for e in f.extents if e.rank == rank]
+        """What this rank writes, in the order it writes it (see write_order)."""
+        return self.write_order.get(rank, [])
+
+    @functools.cached_property
+    def write_order(self) -> dict[int, list[tuple[FilePlan, Extent]]]:
+        """Rank -> its extents in file order, rotated to start at the rank's own position among
+        the files: when every rank writes part of every file (FSDP), the ranks then write
+        different files at any moment. Writes into one file serialise on its inode lock (measured
+        on tmpfs: two processes interleaving 4 MiB writes in one file got 0.6-0.7 GB/s each,
+        against 1.5-1.7 into files of their own)."""
+        out: dict[int, list[tuple[FilePlan, Extent]]] = {}
+        for f in self.files:
+            for e in f.extents:
+                out.setdefault(e.rank, []).append((f, e))
+        n = len(self.files)
+        for rank, items in out.items():
+            start = rank * n // self.world_size + 1  # the first file number this rank would own
+            k = next((i for i, (f, _) in enumerate(items) if f.number >= start), 0)
+            out[rank] = items[k:] + items[:k]
+        return out
 
     def weight_map(self) -> dict[str, str]:
         return {t.name: f.name for f in self.files for t in f.tensors}

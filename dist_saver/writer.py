@@ -1,13 +1,16 @@
 """Writes byte ranges of planned files in place: the owner creates each file (header, size), then
 every rank streams its own ranges into it at their offsets, concurrently with the other ranks.
 
-Every byte goes through a small pool of aligned, reused buffers: the caller's thread copies tensor
-blocks in (from CPU memory, any strides, or from the GPU on a side stream), a writer thread writes
-full buffers out, so copying the next buffer overlaps writing the last. Buffers map to
+Bytes go through a small pool of aligned, reused buffers: the caller's thread copies tensor blocks
+in (from CPU memory, any strides, or from the GPU on a side stream), one writer thread checksums
+and writes full buffers out, so copying the next buffer overlaps writing the last. Large contiguous
+host tensors skip the pool: the writer thread writes them from their own memory. Buffers map to
 block-aligned file offsets, so with direct_io the aligned middle of each range is written with
 O_DIRECT and only its unaligned edges (the blocks it shares with a neighbour's range) through the
-page cache. By default everything goes through the page cache with early writeback (_Writeback).
-Extra memory: the pool, never a tensor.
+page cache. By default everything goes through the page cache with early writeback (_Writeback),
+hashed and written a slice at a time so each byte is read from memory once (measured, 2 ranks on
+tmpfs: replicated 0.35 s against 0.45 s when the filling thread hashed). Extra memory: the pool,
+never a tensor.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ from .checksum import Hasher
 
 DEFAULT_BUFFER_BYTES = 16 << 20
 DEFAULT_BUFFER_COUNT = 4
+# Page-cache writes hash and write this much at a time, so the bytes are read from memory once.
+_HASH_SLICE = 1 << 20
+# Stable contiguous host tensors at least this large are written from their own memory (no copy
+# into the pool); smaller ones are gathered into buffers, so the writes stay large.
+IN_PLACE_MIN_BYTES = 1 << 20
 # Buffered (non-O_DIRECT) files keep at most this many bytes dirty: see _Writeback.
 WRITEBACK_LAG_BYTES = 64 << 20
 
@@ -121,9 +129,10 @@ class _Job(NamedTuple):
     lo: int
     hi: int
     buf: torch.Tensor
-    hasher: Hasher | None  # hash on the writer thread (after the device copy landed), or None
+    hasher: Hasher | None  # the range's running checksum (None: checksums off)
     event: object  # a CUDA event the copies into buf are waited on, or None
     writeback: _Writeback | None
+    pooled: bool = True  # buf is the pool's (else the caller's own tensor, written in place)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -155,28 +164,32 @@ class _WriterThread:
             except BaseException as e:  # reported to the caller at its next put/finish
                 self.error = e
             finally:
-                self.pool.give(job.buf)
+                if job.pooled:
+                    self.pool.give(job.buf)
                 self.jobs.task_done()
 
     def _write(self, job: _Job) -> None:
         if job.event is not None:
             job.event.synchronize()  # the device-to-host copies into buf are done
         view = as_bytes(job.buf)
-        if job.hasher is not None:
-            job.hasher.update(view[job.lo : job.hi])
-        start, stop = job.base + job.lo, job.base + job.hi
-        f = job.file
-        if f.direct >= 0:  # O_DIRECT for whole blocks; the edges shared with a neighbour buffered
+        f, base = job.file, job.base
+        if f.direct >= 0:  # O_DIRECT for whole blocks (one large request); the edges shared with a
+            if job.hasher is not None:  # neighbour's range through the page cache
+                job.hasher.update(view[job.lo : job.hi])
+            start, stop = base + job.lo, base + job.hi
             a = min(stop, -(-start // ALIGN) * ALIGN)
             b = max(a, stop // ALIGN * ALIGN)
-            parts = ((f.fd, start, a), (f.direct, a, b), (f.fd, b, stop))
-        else:
-            parts = ((f.fd, start, stop),)
-        for fd, x, y in parts:
-            if x < y:
-                _pwrite_all(fd, view[x - job.base : y - job.base], x)
+            for fd, x, y in ((f.fd, start, a), (f.direct, a, b), (f.fd, b, stop)):
+                if x < y:
+                    _pwrite_all(fd, view[x - base : y - base], x)
+        else:  # hash a slice, then write it while it is still in the CPU's cache: memory is read
+            for x in range(job.lo, job.hi, _HASH_SLICE):  # once, not once per pass
+                y = min(job.hi, x + _HASH_SLICE)
+                if job.hasher is not None:
+                    job.hasher.update(view[x:y])
+                _pwrite_all(f.fd, view[x:y], base + x)
         if job.writeback is not None:
-            job.writeback.wrote(stop)
+            job.writeback.wrote(base + job.hi)
         if self.on_written is not None:
             self.on_written(job.hi - job.lo)
 
@@ -298,14 +311,13 @@ class RangeStream:
 
     def __init__(self, streamer: Streamer, file: _OpenFile, begin: int, end: int):
         self.s, self.file, self.begin, self.end = streamer, file, begin, end
-        self.base = begin - begin % ALIGN  # file offset of the current buffer's first byte
-        self.start = begin - self.base  # first byte of the current buffer that belongs to us
+        self.base = 0  # file offset of the current buffer's first byte (block-aligned)
+        self.start = 0  # first byte of the current buffer that belongs to this range
         self.buf: torch.Tensor | None = None
         self.pos = 0  # bytes filled in the current buffer
         self.written = 0
         self.pending_device_copy = False
-        self.hasher = Hasher() if streamer.checksums else None
-        self.hash_on_writer = False  # some bytes came from the GPU: hash them after the copy landed
+        self.hasher = Hasher() if streamer.checksums else None  # fed by the writer thread, in order
         self.writeback = None if file.direct >= 0 else _Writeback(file.fd, begin)
         self._scratch: torch.Tensor | None = None
 
@@ -314,7 +326,9 @@ class RangeStream:
             if self.s.writer.error is not None:
                 raise self.s.writer.error
             self.buf = self.s.pool.take()
-            self.pos = self.start
+            offset = self.begin + self.written
+            self.base = offset - offset % ALIGN
+            self.start = self.pos = offset - self.base
         return min(self.buf.numel() - self.pos, self.end - self.begin - self.written)
 
     def _flush(self) -> None:
@@ -323,18 +337,22 @@ class RangeStream:
             event = torch.cuda.Event()
             event.record(self.s.stream)
             self.pending_device_copy = False
-            self.hash_on_writer = True
-        hasher = None
-        if self.hasher is not None:
-            if self.hash_on_writer:
-                hasher = self.hasher
-            else:  # host data: hash here, while the writer thread writes the previous buffer
-                self.hasher.update(as_bytes(self.buf)[self.start : self.pos])
-        self.s.writer.submit(_Job(self.file, self.base, self.start, self.pos, self.buf, hasher, event,
+        self.s.writer.submit(_Job(self.file, self.base, self.start, self.pos, self.buf, self.hasher, event,
                                   self.writeback))
-        self.base += self.buf.numel()
-        self.start = 0
         self.buf = None
+
+    def _put_in_place(self, flat: torch.Tensor) -> None:
+        """Have the writer thread write a stable host tensor's bytes straight from its memory: no
+        copy into the pool (page-cache writes only; O_DIRECT needs the pool's aligned buffers)."""
+        if self.buf is not None:
+            self._flush()  # what the current buffer holds goes first
+        step = self.s.pool.nbytes  # per job, so the writeback stays as fine-grained as with buffers
+        for i in range(0, flat.numel(), step):
+            part = flat[i : i + step]
+            offset = self.begin + self.written
+            self.s.writer.submit(_Job(self.file, offset, 0, part.numel(), part, self.hasher, None,
+                                      self.writeback, pooled=False))
+            self.written += part.numel()
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor, stable: bool) -> None:
         if src.device.type == "cuda" and self.s.stream is not None:
@@ -358,6 +376,10 @@ class RangeStream:
             return 0
         n_total = t.numel() * t.element_size()
         self._check_room(n_total)
+        if (stable and t.device.type == "cpu" and t.is_contiguous() and n_total >= IN_PLACE_MIN_BYTES
+                and self.file.direct < 0):
+            self._put_in_place(t.reshape(-1).view(torch.uint8))
+            return n_total
         if t.is_contiguous():
             flat = t.reshape(-1).view(torch.uint8)
             i = 0
@@ -425,10 +447,7 @@ class RangeStream:
                           f"of range [{self.begin}, {self.end}) on rank {self.s.rank}")
         rng = WrittenRange(os.path.basename(self.file.path), self.begin, self.end, self.s.rank,
                            direct_io=self.file.direct >= 0)
-        if self.hasher is not None:
-            if self.hash_on_writer:
-                with self.s._lock:
-                    self.s._pending.append((rng, self.hasher))
-            else:
-                rng.checksum = self.hasher.digest()
+        if self.hasher is not None:  # its checksum is known once the writer thread is done
+            with self.s._lock:
+                self.s._pending.append((rng, self.hasher))
         return rng

@@ -79,3 +79,37 @@ def local_bytes(model: torch.nn.Module) -> int:
             seen.add(key)
             total += local.numel() * local.element_size()
     return total
+
+
+def build_on(layout: str, world: int, device: str, seed: int = 0) -> torch.nn.Module:
+    """As build(), but made on the meta device and materialised on `device` (e.g. "cuda": ranks
+    sharing one GPU over gloo), each rank filling its pieces from the reference: no collectives."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    with torch.device("meta"):
+        model = TinyLlama(**DIMS, seed=seed)
+    mesh = init_device_mesh(device, (world,))
+    if layout == "fsdp":
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    elif layout == "tp":
+        parallelize_module(model, mesh, tp_plan(DIMS["layers"]))
+    else:
+        raise ValueError(layout)
+    model.to_empty(device=device)
+    if model.lm_head.weight is not model.model.embed_tokens.weight:  # to_empty unties: tie again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    full = reference_state_dict(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not hasattr(p, "to_local"):
+                p.copy_(full[name])
+                continue
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+            p.to_local().copy_(full[name][index])
+    return model

@@ -74,6 +74,7 @@ def test_stream_copies_any_strides_through_small_buffers(tmp_path, direct_io):
     wide = torch.arange(3 * 2000, dtype=torch.float32).reshape(3, 2000)  # 8000-byte rows > a buffer
     tensors = [
         torch.arange(10, dtype=torch.int64),
+        torch.arange(300_000, dtype=torch.float32),  # >= 1 MiB: buffered streams write it in place
         wide.t()[:, 1:3],  # strided, rows of 8 bytes
         wide[:, ::2],  # strided, rows of 4000 bytes
         wide.t().contiguous().t(),  # strided rows larger than the buffer
