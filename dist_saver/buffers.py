@@ -57,10 +57,11 @@ class BufferPool:
         self._free = [aligned_empty(nbytes, self.pinned) for _ in range(count)]
         self._cv = threading.Condition()
 
-    def take(self) -> torch.Tensor:
+    def take(self, timeout: float = 600.0) -> torch.Tensor:
         with self._cv:
-            while not self._free:
-                self._cv.wait()
+            if not self._cv.wait_for(lambda: self._free, timeout):
+                raise TimeoutError(f"no write buffer came back within {timeout:.0f}s: the writes are stuck "
+                                   "(a hung filesystem?) or a buffer was lost")
             return self._free.pop()
 
     def give(self, buf: torch.Tensor) -> None:

@@ -19,10 +19,12 @@ from typing import Callable, Mapping
 import torch
 
 from . import format as fmt
-from .layout import Box
+from .errors import SaveError
+from .layout import Box, Tiling
 from .plan import Plan, Segment
 
 DEFAULT_BUCKET_BYTES = 16 << 20  # small rounds pipeline best with the writes (0.69x -> 0.86x of raw O_DIRECT, FSDP2 on 2 ranks)
+_PIECE_ALIGN = 16  # pieces start at this alignment in the send/receive buffers, for any dtype's view
 
 
 @dataclass(frozen=True)
@@ -57,13 +59,15 @@ class Schedule:
 def make_schedule(
     plan: Plan,
     shapes: Mapping[str, tuple[int, ...]],
-    boxes: Mapping[str, Mapping[int, Box]],
+    boxes: Mapping[str, Tiling],
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
 ) -> Schedule:
     """Pure: the chunks and rounds of every assembled segment of the plan.
 
     Each writer's chunks are numbered into rounds in the order it writes them (plan.write_order),
-    at most bucket_bytes per writer per round (a single row larger than that is one chunk).
+    at most bucket_bytes per writer per round (a single row larger than that is one chunk). A
+    chunk's pieces come from one layout's tiling, the writer's own (layouts of different replica
+    groups may cut the tensor differently); any rank holding the same box may send a piece.
     """
     sched = Schedule()
     used: dict[int, int] = defaultdict(int)  # bytes in each writer's current bucket
@@ -77,6 +81,14 @@ def make_schedule(
                 row = (seg.end - seg.begin) // (seg.hi - seg.lo)
                 item = row // math.prod(shape[1:])  # assembled segments have at least 2 dims
                 step = max(1, bucket_bytes // row)
+                tilings = boxes[seg.name]
+                own = next((t for t in tilings if _nonempty(t.get(w))), tilings[0])
+                holders: dict[Box, list[int]] = {}
+                for t in tilings:
+                    for r, b in t.items():
+                        if _nonempty(b):
+                            holders.setdefault(b, []).append(r)
+                tiles = sorted((b, sorted(holders[b])) for b in set(own.values()) if _nonempty(b))
                 chunks = []
                 for lo in range(seg.lo, seg.hi, step):
                     hi = min(seg.hi, lo + step)
@@ -84,21 +96,22 @@ def make_schedule(
                     if used[w] and used[w] + nbytes > bucket_bytes:
                         bucket[w], used[w] = bucket[w] + 1, 0
                     used[w] += nbytes
-                    pieces = _pieces(shape, item, boxes[seg.name], lo, hi, w)
+                    pieces = _pieces(item, tiles, lo, hi, w)
                     chunks.append(Chunk(seg.name, w, (lo, hi), nbytes, pieces, bucket[w]))
                 sched.chunks[(seg.name, seg.lo)] = chunks
     sched.rounds = max((bucket[w] + 1 for w in used if used[w]), default=0)
     return sched
 
 
-def _pieces(shape, item, boxes: Mapping[int, Box], lo: int, hi: int, writer: int) -> tuple[Piece, ...]:
-    """One piece per distinct box overlapping rows [lo, hi), in row-major order of the boxes."""
-    holders: dict[Box, list[int]] = {}
-    for r, b in sorted(boxes.items()):
-        if all(s > 0 for s in b[1]):
-            holders.setdefault(b, []).append(r)
+def _nonempty(box: Box | None) -> bool:
+    return box is not None and all(s > 0 for s in box[1])
+
+
+def _pieces(item: int, tiles: list[tuple[Box, list[int]]], lo: int, hi: int, writer: int) -> tuple[Piece, ...]:
+    """One piece per box of the tiling overlapping rows [lo, hi), in row-major order of the boxes;
+    tiles: (box, the ranks holding it)."""
     out = []
-    for (off, shp), ranks in sorted(holders.items()):
+    for (off, shp), ranks in tiles:
         a, b = max(lo, off[0]), min(hi, off[0] + shp[0])
         if a >= b:
             continue
@@ -157,29 +170,37 @@ class Exchanger:
         return buf[:n]
 
     def _run_round(self) -> None:
+        """One round; always enters the collective (the other ranks wait for this rank's part),
+        then raises what went wrong here, if anything."""
         k = self.done_rounds
         world = self.comm.world_size
         send_sizes = [0] * world
         for dst, _, p in self.send[k]:
-            send_sizes[dst] += p.nbytes
+            send_sizes[dst] += _padded(p.nbytes)
         recv_sizes = [0] * world
         for src, _, _, p in self.recv[k]:
-            recv_sizes[src] += p.nbytes
+            recv_sizes[src] += _padded(p.nbytes)
         send = self._buffer("_send_buf", sum(send_sizes))
-        pos = 0
-        for _, name, p in self.send[k]:
-            src = local_slice(self.local[name], self.my_boxes[name], p.offset, p.shape)
-            send[pos : pos + p.nbytes].view(src.dtype).view(p.shape).copy_(src)
-            pos += p.nbytes
+        error = None
+        try:
+            pos = 0
+            for _, name, p in self.send[k]:
+                src = local_slice(self.local[name], self.my_boxes[name], p.offset, p.shape)
+                send[pos : pos + p.nbytes].view(src.dtype).view(p.shape).copy_(src)
+                pos += _padded(p.nbytes)
+        except Exception as e:
+            error = e
         recv = self._buffer("_recv_buf", sum(recv_sizes))
+        self.done_rounds += 1
         self.comm.all_to_all_bytes(send, send_sizes, recv, recv_sizes)
-        self.bytes_sent += pos
+        if error is not None:
+            raise error
+        self.bytes_sent += sum(p.nbytes for _, _, p in self.send[k])
         self.received = {}
         pos = 0
         for src, name, row, p in self.recv[k]:
             self.received[(name, row, p.offset)] = recv[pos : pos + p.nbytes]
-            pos += p.nbytes
-        self.done_rounds += 1
+            pos += _padded(p.nbytes)
 
     def chunks_of(self, seg: Segment) -> list[Chunk]:
         return self.sched.chunks[(seg.name, seg.lo)]
@@ -207,6 +228,19 @@ class Exchanger:
         return fill
 
     def finish(self) -> None:
-        """Take part in the rounds left (this rank may still have pieces to send)."""
+        """Take part in the rounds left (this rank may still have pieces to send), even after an
+        error here; stop only when a collective fails (the group is broken)."""
+        error = None
         while self.done_rounds < self.sched.rounds:
-            self._run_round()
+            try:
+                self._run_round()
+            except SaveError:
+                raise
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise error
+
+
+def _padded(n: int) -> int:
+    return -(-n // _PIECE_ALIGN) * _PIECE_ALIGN

@@ -14,6 +14,7 @@ from itertools import product
 import torch
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offset, shape) in the global tensor
+Tiling = tuple[dict[int, Box], ...]  # per layout of a tensor: group rank -> the box it holds
 
 
 @dataclass(frozen=True)
@@ -117,16 +118,22 @@ def check_tiling(name: str, shape: tuple[int, ...], layout: Layout, boxes: dict[
         )
 
 
-def group_boxes(name: str, shape: tuple[int, ...], layouts: tuple[Layout, ...], group_rank) -> dict[int, Box]:
-    """Group rank -> the box it holds, over the layouts of a tensor (one per replica group).
+def group_boxes(name: str, shape: tuple[int, ...], layouts: tuple[Layout, ...], group_rank) -> Tiling:
+    """One {group rank: box} per layout of a tensor (one layout per replica group; each tiles the
+    tensor on its own, so pieces are taken from one of them, never mixed).
 
     group_rank maps a global rank to the saving group's rank (-1 if not a member): every rank of a
     DTensor's mesh must be in the group that saves it.
     """
-    boxes = {group_rank(r): b for r, b in rank_boxes(shape, *layouts).items()}
-    if -1 in boxes:
+    out = tuple({group_rank(r): b for r, b in rank_boxes(shape, layout).items()} for layout in layouts)
+    if any(-1 in t for t in out):
         raise ValueError(
             f"tensor {name!r} is sharded over global ranks {sorted({r for l in layouts for r in l.mesh_ranks})}, "
             "not all of which are in the process group saving it"
         )
-    return boxes
+    return out
+
+
+def merged(tiling: Tiling) -> dict[int, Box]:
+    """Rank -> the box it holds, over all of a tensor's layouts (their ranks are disjoint)."""
+    return {r: b for t in tiling for r, b in t.items()}

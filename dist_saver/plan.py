@@ -36,6 +36,7 @@ class TensorInfo(NamedTuple):
 
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offset, shape) of a piece in the global tensor
+Tiling = Sequence[Mapping[int, Box]]  # per layout (replica group) of a tensor: rank -> its box
 
 
 class Segment(NamedTuple):
@@ -252,14 +253,14 @@ def make_plan(
     world_size: int,
     max_shard_size: int | None = None,
     aliases: dict[str, str] | None = None,
-    boxes: Mapping[str, Mapping[int, Box]] | None = None,
+    boxes: Mapping[str, Tiling] | None = None,
 ) -> Plan:
     """Owner and file of every tensor, the files' global numbering, each tensor's offsets, and the
     rank that writes every byte range.
 
-    boxes: for each sharded tensor (DTensor), the box of the global tensor that each rank holds
-    (ranks holding nothing may be absent or have an empty box). Tensors not in it are held whole by
-    their holders, and written by their owner.
+    boxes: for each sharded tensor (DTensor), per layout (one per replica group), the box of the
+    global tensor that each rank holds (ranks holding nothing may be absent or have an empty box).
+    Tensors not in it are held whole by their holders, and written by their owner.
     """
     if world_size < 1:
         raise ValueError("world_size must be >= 1")
@@ -293,16 +294,17 @@ def make_plan(
     return Plan(world_size, tuple(out), aliases)
 
 
-def _segments(entry: fmt.HeaderEntry, owner: int, boxes: Mapping[int, Box] | None, load: list[int]):
+def _segments(entry: fmt.HeaderEntry, owner: int, tiling: Tiling | None, load: list[int]):
     """Who writes which rows of one tensor (see the module docstring)."""
     nbytes = entry.end - entry.begin
     if nbytes == 0:
         return []
     shape = entry.shape
     rows = shape[0] if shape else 1
-    if boxes is None:  # held whole by its owner
+    if tiling is None:  # held whole by its owner
         load[owner] += nbytes
         return [Segment(entry.name, 0, rows, entry.begin, entry.end, owner, False)]
+    boxes = {r: b for t in tiling for r, b in t.items()}  # the layouts' ranks are disjoint
     full = ((0,) * len(shape), tuple(shape))
     whole = [r for r, b in boxes.items() if b == full]
     if whole:  # replicated: its owner writes it if it holds it, else the least loaded holder

@@ -18,7 +18,7 @@ import torch
 
 from . import format as fmt
 from .exchange import Exchanger, Schedule
-from .layout import Box
+from .layout import Box, Tiling, merged
 from .plan import Extent, FilePlan, Plan, Segment
 from .writer import Streamer, WrittenRange
 
@@ -29,18 +29,22 @@ def create_files(plan: Plan, streamer: Streamer, staging: str, rank: int) -> lis
 
 
 def write_share(plan: Plan, sched: Schedule, comm, streamer: Streamer, staging: str,
-                local: Mapping[str, torch.Tensor], boxes: Mapping[str, Mapping[int, Box]],
+                local: Mapping[str, torch.Tensor], boxes: Mapping[str, Tiling],
                 shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str]) -> tuple[list[WrittenRange], int]:
     """Write every extent the plan gives this rank; returns its ranges (checksums complete after
     streamer.finish()) and the bytes it sent to other ranks."""
     rank = comm.rank
-    my_boxes = {name: b[rank] for name, b in boxes.items() if rank in b}
+    my_boxes = {name: b[rank] for name, b in ((n, merged(t)) for n, t in boxes.items()) if rank in b}
     mine = plan.extents_of(rank)
     exchanger = Exchanger(sched, comm, local, my_boxes, dtypes)
     helper = None
     if sched.rounds:  # every rank takes part in every round, writer or not
+        ready = None
+        if any(t.device.type == "cuda" for t in local.values()):
+            ready = torch.cuda.Event()  # the exchange thread's copies must see the caller's work
+            ready.record()
         helper = _ExchangeThread(exchanger, streamer, staging, [(f, e) for f, e in mine if e.assembled],
-                                 shapes, dtypes)
+                                 shapes, dtypes, ready)
         helper.start()
     ranges: list[WrittenRange] = []
     error: BaseException | None = None
@@ -50,8 +54,9 @@ def write_share(plan: Plan, sched: Schedule, comm, streamer: Streamer, staging: 
                 continue
             stream = streamer.open_range(os.path.join(staging, f.name), f.data_start + extent.begin,
                                          f.data_start + extent.end)
-            for seg in extent.segments:
-                stream.put(_rows(local[seg.name], my_boxes.get(seg.name), seg))
+            with stream.returning_buffers():
+                for seg in extent.segments:
+                    stream.put(_rows(local[seg.name], my_boxes.get(seg.name), seg))
             ranges.append(stream.close())
     except BaseException as e:  # the exchange thread still finishes its rounds: the others need them
         error = e
@@ -77,24 +82,27 @@ class _ExchangeThread(threading.Thread):
 
     def __init__(self, exchanger: Exchanger, streamer: Streamer, staging: str,
                  extents: list[tuple[FilePlan, Extent]], shapes: Mapping[str, tuple[int, ...]],
-                 dtypes: Mapping[str, str]):
+                 dtypes: Mapping[str, str], ready=None):
         super().__init__(name="dist_saver-exchange", daemon=True)
         self.exchanger, self.streamer, self.staging = exchanger, streamer, staging
-        self.extents, self.shapes, self.dtypes = extents, shapes, dtypes
+        self.extents, self.shapes, self.dtypes, self.ready = extents, shapes, dtypes, ready
         self.ranges: list[WrittenRange] = []
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
+            if self.ready is not None:
+                self.ready.synchronize()
             for f, extent in self.extents:
                 stream = self.streamer.open_range(os.path.join(self.staging, f.name), f.data_start + extent.begin,
                                                   f.data_start + extent.end)
-                for seg in extent.segments:
-                    shape = self.shapes[seg.name]
-                    dtype = fmt.torch_dtype(self.dtypes[seg.name])
-                    for chunk in self.exchanger.chunks_of(seg):
-                        fill = self.exchanger.filler(chunk)  # runs the rounds up to the chunk's
-                        stream.put_rows(chunk.rows[1] - chunk.rows[0], shape[1:], dtype, fill)
+                with stream.returning_buffers():
+                    for seg in extent.segments:
+                        shape = self.shapes[seg.name]
+                        dtype = fmt.torch_dtype(self.dtypes[seg.name])
+                        for chunk in self.exchanger.chunks_of(seg):
+                            fill = self.exchanger.filler(chunk)  # runs the rounds up to the chunk's
+                            stream.put_rows(chunk.rows[1] - chunk.rows[0], shape[1:], dtype, fill)
                 self.ranges.append(stream.close())
         except BaseException as e:
             self.error = e

@@ -15,9 +15,11 @@ never a tensor.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import math
+import mmap
 import os
 import queue
 import threading
@@ -31,6 +33,9 @@ from .checksum import Hasher
 
 DEFAULT_BUFFER_BYTES = 16 << 20
 DEFAULT_BUFFER_COUNT = 4
+# O_DIRECT writes cover whole pages of this size; a page shared with a neighbour's range is written
+# through the page cache (never one page both ways: 64 KiB-page kernels included).
+_EDGE = max(ALIGN, mmap.PAGESIZE)
 # Page-cache writes hash and write this much at a time, so the bytes are read from memory once.
 _HASH_SLICE = 1 << 20
 # Stable contiguous host tensors at least this large are written from their own memory (no copy
@@ -173,12 +178,12 @@ class _WriterThread:
             job.event.synchronize()  # the device-to-host copies into buf are done
         view = as_bytes(job.buf)
         f, base = job.file, job.base
-        if f.direct >= 0:  # O_DIRECT for whole blocks (one large request); the edges shared with a
+        if f.direct >= 0:  # O_DIRECT for whole pages (one large request); the pages shared with a
             if job.hasher is not None:  # neighbour's range through the page cache
                 job.hasher.update(view[job.lo : job.hi])
             start, stop = base + job.lo, base + job.hi
-            a = min(stop, -(-start // ALIGN) * ALIGN)
-            b = max(a, stop // ALIGN * ALIGN)
+            a = min(stop, -(-start // _EDGE) * _EDGE)
+            b = max(a, stop // _EDGE * _EDGE)
             for fd, x, y in ((f.fd, start, a), (f.direct, a, b), (f.fd, b, stop)):
                 if x < y:
                     _pwrite_all(fd, view[x - base : y - base], x)
@@ -437,6 +442,18 @@ class RangeStream:
         self.written += k
         if self.pos == self.buf.numel() or self.written == self.end - self.begin:
             self._flush()
+
+    @contextlib.contextmanager
+    def returning_buffers(self):
+        """On an error, give the buffer being filled back to the pool (it is the process's, shared
+        by later saves: a leaked buffer would make a later save wait for it forever)."""
+        try:
+            yield self
+        except BaseException:
+            if self.buf is not None:
+                self.s.pool.give(self.buf)
+                self.buf = None
+            raise
 
     def close(self) -> WrittenRange:
         """Hand the last buffer to the writer; the range is durable after Streamer.finish()."""

@@ -27,7 +27,11 @@ def odd_reference(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"rows": torch.randn(7, 5, generator=g), "cols": torch.randn(5, 9, generator=g).bfloat16(),
             "tiny": torch.arange(3, dtype=torch.int64), "empty": torch.zeros(0, 4),
-            "scalar": torch.tensor(2.5), "plain": torch.randn(11, 3, generator=g).double()}
+            "scalar": torch.tensor(2.5), "plain": torch.randn(11, 3, generator=g).double(),
+            # odd byte counts before wider dtypes in one exchange round: pieces must stay aligned
+            "cols8": torch.randint(-100, 100, (3, 7), generator=g, dtype=torch.int8),
+            "colsbool": torch.randint(0, 2, (5, 3), generator=g).bool(),
+            "cols64": torch.randint(0, 1 << 40, (3, 5), generator=g)}
 
 
 def _odd_state(world: int) -> dict:
@@ -36,7 +40,7 @@ def _odd_state(world: int) -> dict:
 
     mesh = init_device_mesh("cpu", (world,))
     placements = {"rows": [Shard(0)], "cols": [Shard(1)], "tiny": [Shard(0)], "empty": [Shard(0)],
-                  "scalar": [Replicate()]}
+                  "scalar": [Replicate()], "cols8": [Shard(1)], "colsbool": [Shard(1)], "cols64": [Shard(1)]}
     return {k: distribute_tensor(t, mesh, placements[k]) if k in placements else t
             for k, t in odd_reference().items()}
 
@@ -158,7 +162,7 @@ def test_verify_names_the_range_and_rank_and_partial_loads_check_only_their_rang
 
 def test_commit_refuses_missing_duplicate_and_misattributed_ranges():
     infos = [TensorInfo("a", "F32", (8, 4), 128), TensorInfo("b", "F32", (8, 4), 128)]
-    boxes = {"a": {0: ((0, 0), (4, 4)), 1: ((4, 0), (4, 4))}}
+    boxes = {"a": ({0: ((0, 0), (4, 4)), 1: ((4, 0), (4, 4))},)}
     plan = make_plan(infos, 2, boxes=boxes)
     good = []
     for f in plan.files:
@@ -222,3 +226,52 @@ def test_sharded_cuda_dtensors_of_two_ranks_sharing_one_gpu(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     _check_device_saves(run_ranks(_on_device, 2, str(tmp_path), "cuda", timeout=180))
+
+
+def _failing_pack(rank, world, path):
+    import time
+
+    import dist_saver.exchange as exchange
+
+    real = exchange.local_slice
+
+    def failing(*args):
+        if rank == 1:
+            raise RuntimeError("injected: cannot read this piece")
+        return real(*args)
+
+    exchange.local_slice = failing  # rank 1 cannot pack what it sends: the others must not hang
+    model = build("tp", world)
+    t0 = time.monotonic()
+    try:
+        dist_save(model, path, timeout=60)
+    except SaveError as e:
+        return str(e), time.monotonic() - t0
+    return None, time.monotonic() - t0
+
+
+def test_an_error_packing_the_exchange_fails_every_rank_at_once(tmp_path):
+    outs = run_ranks(_failing_pack, 2, str(tmp_path / "ck"), timeout=120)
+    for message, seconds in outs:
+        assert message and "rank 1: RuntimeError: injected: cannot read this piece" in message, message
+        assert seconds < 30, f"took {seconds:.0f}s: a rank waited for the timeout"
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_failing_range_gives_its_buffer_back_to_the_pool(tmp_path):
+    from dist_saver.writer import Streamer
+
+    path = str(tmp_path / "f")
+    with Streamer(buffer_bytes=4096, count=2) as s:
+        s.create(path, b"h" * 10, 10 + 3 * 4096)
+        for _ in range(3):  # more failures than buffers: a leak would block the next take()
+            stream = s.open_range(path, 10, 10 + 3 * 4096)
+            with pytest.raises(RuntimeError, match="mid-range"):
+                with stream.returning_buffers():
+                    stream.put(torch.ones(100, dtype=torch.uint8))
+                    raise RuntimeError("mid-range")
+        stream = s.open_range(path, 10, 10 + 3 * 4096)
+        stream.put(torch.full((3 * 4096,), 7, dtype=torch.uint8))
+        stream.close()
+        s.finish()
+    assert open(path, "rb").read()[10:] == b"\x07" * (3 * 4096)

@@ -6,7 +6,7 @@ import pytest
 from torch.distributed.tensor import Replicate, Shard
 
 from dist_saver.exchange import make_schedule
-from dist_saver.layout import Layout, check_tiling, group_boxes, rank_boxes
+from dist_saver.layout import Layout, check_tiling, group_boxes, merged, rank_boxes
 from dist_saver.plan import TensorInfo, make_plan
 
 try:
@@ -77,7 +77,7 @@ def test_replicated_row_shards_are_written_once_spread_over_the_replicas_hsdp():
     for f in plan.files:
         for e in f.extents:
             for s in e.segments:  # each band written by one of the ranks holding it, once
-                assert boxes[s.name][s.rank][0][0] == s.lo and not s.assembled
+                assert merged(boxes[s.name])[s.rank][0][0] == s.lo and not s.assembled
     assert plan.bytes_per_rank() == [2 * 32 * 16 * 4] * 4  # each replica writes half of its rows
     assert make_schedule(plan, {i.name: i.shape for i in infos}, boxes).rounds == 0
 
@@ -163,7 +163,7 @@ def test_fsdp_plan_at_1024_ranks_is_fast():
     _check_tiles(plan)
     held = [0] * 1024  # each rank writes exactly the bytes it holds
     for i in infos:
-        for r, (_, shp) in boxes[i.name].items():
+        for r, (_, shp) in merged(boxes[i.name]).items():
             held[r] += i.nbytes // i.shape[0] * shp[0]
     assert plan.bytes_per_rank() == held
 
@@ -172,3 +172,15 @@ def test_mesh_outside_the_group_is_an_error():
     layout = Layout((2,), (4, 5), (Shard(0),))
     with pytest.raises(ValueError, match=r"'w' is sharded over global ranks \[4, 5\]"):
         group_boxes("w", (8,), (layout,), lambda r: -1)
+
+
+def test_replica_groups_that_cut_a_tensor_differently_take_pieces_from_one_tiling():
+    # columns split 2 ways on ranks 0-1 and 4 ways on ranks 2-5: never mix the two tilings
+    two = Layout((2,), (0, 1), (Shard(1),))
+    four = Layout((4,), (2, 3, 4, 5), (Shard(1),))
+    plan, sched, boxes = _plan((8, 8), (two, four), 6)
+    _check_tiles(plan)
+    for c in (c for cs in sched.chunks.values() for c in cs):
+        tiling = next(t for t in boxes["w"] if c.writer in t)
+        assert {p.offset[1:] for p in c.pieces} == {b[0][1:] for b in tiling.values()}
+        assert sum(p.nbytes for p in c.pieces) == c.nbytes  # each byte of the chunk from one piece

@@ -105,15 +105,19 @@ def test_cold_load_reads_about_its_shard_from_disk(tmp_path):
         assert disk <= 1.05 * counted + (1 << 20), f"read {disk} bytes from disk for a {counted}-byte shard"
 
 
-def _memory(rank, world, path, bucket):
+def _memory(rank, world, path, bucket, layout):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
 
     mesh = init_device_mesh("cpu", (world,))
     with torch.device("meta"):
         model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048, bias=False) for _ in range(8)])
-    for m in model:
-        fully_shard(m, mesh=mesh)
+    if layout == "fsdp":
+        for m in model:
+            fully_shard(m, mesh=mesh)
+    else:  # rowwise TP: every weight is split by columns, so every byte goes through the exchange
+        parallelize_module(model, mesh, {str(i): RowwiseParallel() for i in range(8)})
     model.to_empty(device="cpu")
     with torch.no_grad():
         for p in model.parameters():
@@ -121,17 +125,20 @@ def _memory(rank, world, path, bucket):
     share = local_bytes(model)
     dist_save(model, path + "_warmup", bucket_size=bucket)  # first use of gloo/threads settles RSS
     with PeakRSS() as mem:
-        dist_save(model, path, bucket_size=bucket)
-    return share, mem.extra
+        res = dist_save(model, path, bucket_size=bucket)
+    return share, mem.extra, res.bytes_sent[rank]
 
 
-def test_save_memory_stays_within_the_bucket_budget(tmp_path):
+@pytest.mark.parametrize("layout", ["fsdp", "tp"])
+def test_save_memory_stays_within_the_bucket_budget(tmp_path, layout):
     bucket = 4 << 20
-    outs = run_ranks(_memory, 2, str(tmp_path / "ck"), bucket)
-    for share, extra in outs:
+    outs = run_ranks(_memory, 2, str(tmp_path / "ck"), bucket, layout)
+    for share, extra, sent in outs:
         assert share == 64 << 20
-        # receive + send + assembly buffers, plus allocator slack: never the 64 MiB share
-        assert extra <= 3 * bucket + (8 << 20), f"extra {extra / 2**20:.1f} MiB over a {bucket >> 20} MiB bucket"
+        # FSDP: written in place, nothing sent; TP: half of each band crosses (the exchange's send
+        # and receive buffers, about a bucket each); never the 64 MiB share
+        assert sent == (0 if layout == "fsdp" else 32 << 20)
+        assert extra <= 2 * bucket + (8 << 20), f"extra {extra / 2**20:.1f} MiB over a {bucket >> 20} MiB bucket"
     back = load_state_dict(str(tmp_path / "ck"))
     assert len(back) == 8
 
