@@ -2,7 +2,7 @@
 layout, and load them back per rank."""
 
 from .convert import convert_dcp, convert_legacy, reshard
-from .errors import CheckpointError, DistSaverError, PlanError, SaveError
+from .errors import CheckpointError, CollectiveError, DistSaverError, DistSaverWarning, PlanError, SaveError
 from .load import LoadResult, dist_load, load_state_dict
 from .hub import push_to_hub
 from .save import SaveResult, dist_save
@@ -22,6 +22,8 @@ __all__ = [
     "DistSaverError",
     "CheckpointError",
     "SaveError",
+    "CollectiveError",
+    "DistSaverWarning",
     "PlanError",
 ]
 __version__ = "0.1.0"

@@ -10,14 +10,36 @@ import datetime
 import hashlib
 import pickle
 import traceback
+import weakref
 from typing import Any, Sequence
 
 import torch.distributed as dist
 
-from .errors import DistSaverError, SaveError
+from .errors import CollectiveError, DistSaverError, SaveError
 
 
-_save_groups: dict = {}
+# The user's group -> {timeout: our gloo group}. Keyed by the group object itself (weakly), not by
+# "world": after destroy_process_group() and a new init_process_group() the world is a new object,
+# and the groups made for the old one are unregistered (using them raises "Group ... is not
+# registered"). Elastic restarts and test suites re-initialise in one process.
+_save_groups: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def default_store():
+    """The store torchrun's rendezvous (or init_process_group) made, or None. Private API: guarded."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
+def is_registered(group) -> bool:
+    """False for a group that destroy_process_group() has removed."""
+    try:
+        dist.get_process_group_ranks(group)
+        return True
+    except (KeyError, ValueError, RuntimeError):
+        return False
 
 
 def save_group(process_group=None, timeout: float = 600.0):
@@ -26,21 +48,73 @@ def save_group(process_group=None, timeout: float = 600.0):
     Saves run their collectives here: a dead rank makes the others fail within `timeout`
     instead of the default 30 minutes, and async saves never interleave with the training's
     collectives on its own group. None when torch.distributed is not initialised.
+
+    Making it is collective: every rank first checks in through the store, so a rank that never
+    calls dist_save is named in a CollectiveError after `timeout` (instead of the store's raw
+    timeout from inside new_group).
     """
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    key = (process_group if process_group is not None else "world", float(timeout))
-    if key not in _save_groups:
-        ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
-        _save_groups[key] = dist.new_group(
+    base = process_group if process_group is not None else dist.group.WORLD
+    made = _save_groups.setdefault(base, {})
+    group = made.get(float(timeout))
+    if group is not None and is_registered(group):
+        return group
+    ranks = dist.get_process_group_ranks(base)
+    if dist.get_rank() not in ranks:
+        raise ValueError("this rank is not a member of the given process_group")
+    _check_in(ranks, timeout, f"{len(made)}/{float(timeout)}")
+    try:
+        group = dist.new_group(
             ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout), use_local_synchronization=True
         )
-    return _save_groups[key]
+    except Exception as e:  # e.g. a rank that checked in died before connecting
+        raise CollectiveError(
+            f"rank {ranks.index(dist.get_rank())}: creating the save's process group of (global) ranks "
+            f"{_ranks_text(ranks)} failed "
+            f"(a rank died or stopped responding, or the save's timeout of {timeout:g}s passed): "
+            f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
+        ) from e
+    made[float(timeout)] = group
+    return group
+
+
+def _check_in(ranks: list[int], timeout: float, generation: str) -> None:
+    """Every rank of the new group says it is here and waits up to timeout for the others; raises
+    a CollectiveError naming those that never came. No-op without a store or for one rank."""
+    store = default_store()
+    if store is None or len(ranks) < 2:
+        return
+    digest = hashlib.sha1(",".join(map(str, ranks)).encode()).hexdigest()[:12]
+    keys = [f"dist_saver/join/{digest}/{generation}/{r}" for r in ranks]
+    me = keys[ranks.index(dist.get_rank())]
+    store.set(me, b"1")
+    try:
+        store.wait(keys, datetime.timedelta(seconds=timeout))
+        return
+    except Exception as e:  # the store's timeout (DistStoreError, or RuntimeError for a FileStore)
+        cause = e
+    try:
+        missing = [i for i, k in enumerate(keys) if not store.check([k])]
+        store.delete_key(me)  # a later attempt must not count this one as arrived
+    except Exception:
+        missing = []
+    who = (f"rank(s) {_ranks_text(missing)} of {len(ranks)} did not call dist_save" if missing
+           else "not every rank called dist_save")
+    raise CollectiveError(
+        f"rank {ranks.index(dist.get_rank())}: {who} within the save's timeout of {timeout:g}s; every rank of "
+        "the process group must call it (a rank that died, hangs, or skipped the save)"
+    ) from cause
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    return ",".join(map(str, ranks[:16])) + (f",... ({len(ranks)})" if len(ranks) > 16 else "")
 
 
 class Comm:
-    def __init__(self, process_group=None):
+    def __init__(self, process_group=None, timeout: float | None = None):
         self.active = dist.is_available() and dist.is_initialized()
+        self.timeout = timeout  # seconds, of the group's collectives (None: the group's own)
         if process_group is not None and not self.active:
             raise ValueError("process_group given but torch.distributed is not initialised")
         self.group = process_group
@@ -111,6 +185,33 @@ class Comm:
             out.append((ranks, value))
         return out
 
+    @property
+    def identity(self):
+        """The group object this Comm runs on (the world's when none was given): a new one after
+        the process group is destroyed and initialised again. None without a process group."""
+        if not self.active:
+            return None
+        return self.group if self.group is not None else dist.group.WORLD
+
+    def responsive(self, tag: str, grace: float) -> list[int] | None:
+        """After a collective broke: the ranks that answer within grace seconds, through the store
+        (every survivor calls it with the same tag; the dead never answer). None if unknown."""
+        if not self.active or self.world_size == 1:
+            return [0]
+        store = default_store()
+        if store is None:
+            return None
+        keys = [f"dist_saver/alive/{tag}/{self.global_rank(r)}" for r in range(self.world_size)]
+        try:
+            store.set(keys[self.rank], b"1")
+            try:
+                store.wait(keys, datetime.timedelta(seconds=grace))
+            except Exception:  # someone did not answer: find out who below
+                pass
+            return [r for r, k in enumerate(keys) if store.check([k])]
+        except Exception:  # the store itself is gone (e.g. it lived in the dead rank)
+            return None
+
     def agree(self, error: BaseException | None, what: str, cls: type = SaveError, share: Any = None) -> Any:
         """Collective: raise the same error (cls) on every rank if any rank failed; else return
         rank 0's `share` on every rank (one collective for both)."""
@@ -125,7 +226,7 @@ def _peer_failures(rank: int):
     try:
         yield
     except (RuntimeError, dist.DistError) as e:
-        raise SaveError(
+        raise CollectiveError(
             f"rank {rank}: a collective failed, so another rank died or stopped responding "
             f"(or the save's timeout passed): {str(e).splitlines()[0][:300]}"
         ) from e

@@ -113,6 +113,7 @@ class Target:
         self.previous = os.path.join(parent, f".{name}.dist_saver-previous")
         self.lock = os.path.join(parent, f".{name}.dist_saver.lock")
         self.owner = None  # set when something outlives the save and releases the lock itself
+        self.published = False  # the staging directory was renamed to path (by this process)
 
     def recover(self) -> None:
         """Finish or undo a publish that a crash interrupted; drop a crashed save's staging."""
@@ -161,6 +162,7 @@ class Target:
         if had_old:
             os.rename(self.path, self.previous)
         os.rename(self.staging, self.path)
+        self.published = True  # from here the checkpoint is visible, whatever fails next
         fmt.fsync_dir(self.parent)
         if had_old:
             shutil.rmtree(self.previous, ignore_errors=True)

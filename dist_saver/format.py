@@ -5,9 +5,11 @@ Nothing else in the package builds file names or encodes/decodes JSON headers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import reprlib
 import struct
 from dataclasses import dataclass
 from typing import Iterable, Mapping, NamedTuple
@@ -26,7 +28,11 @@ LEGACY_SINGLE_NAME = "pytorch_model.bin"
 LEGACY_SUFFIXES = (".bin", ".pt", ".pth")
 # Key under the index's "metadata" that marks a checkpoint as ours and carries our extras.
 META_KEY = "dist_saver"
+# The major format version: readers refuse a newer major; "1.x" (a string) would be a compatible
+# addition that this reader may load.
 FORMAT_VERSION = 1
+# Key in our metadata block: sha256 of the index's own content (see index_digest).
+DIGEST_KEY = "index_digest"
 
 # As safetensors itself: a larger header is damage or an attack, not a model.
 MAX_HEADER_BYTES = 100_000_000
@@ -148,20 +154,39 @@ def read_header(path: str, fd: int | None = None) -> tuple[dict, int]:
     finally:
         if own:
             os.close(fd)
-    try:
-        header = json.loads(body)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: header is not valid JSON: {e}") from None
+    header = parse_json(path, body, "header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     return header, 8 + n
 
 
+def parse_json(path: str, data: bytes | str, what: str):
+    """json.loads of a file we may not trust: invalid JSON, or JSON nested too deeply for the
+    parser (a RecursionError), is a CheckpointError naming the file."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise CheckpointError(f"{path}: {what} is JSON nested too deeply to read") from None
+    except ValueError as e:  # UnicodeDecodeError and integers of over 4300 digits included
+        raise CheckpointError(f"{path}: {what} is not valid JSON: {e}") from None
+
+
+def index_digest(weight_map: Mapping, ours: Mapping) -> str:
+    """sha256 of the canonical JSON of the weight map and our metadata block (less the digest):
+    an index whose entries, aliases or file records were edited or damaged is refused instead of
+    loading a wrong or short state dict."""
+    body = {"weight_map": weight_map, META_KEY: {k: v for k, v in ours.items() if k != DIGEST_KEY}}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
 def index_document(weight_map: Mapping[str, str], total_size: int, extra: Mapping) -> dict:
-    return {
-        "metadata": {"total_size": total_size, META_KEY: {"version": FORMAT_VERSION, **extra}},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
+    """Our index: weight_map and total_size as Hugging Face has them, our block (version, extra,
+    and the digest of both) under metadata.dist_saver."""
+    weight_map = dict(sorted(weight_map.items()))
+    ours = {"version": FORMAT_VERSION, **extra}
+    ours[DIGEST_KEY] = index_digest(weight_map, ours)
+    return {"metadata": {"total_size": total_size, META_KEY: ours}, "weight_map": weight_map}
 
 
 def write_durable(path: str, data: str | bytes) -> None:
@@ -219,6 +244,7 @@ def read_index(path: str) -> CheckpointIndex:
         return _single(os.path.dirname(path) or ".", os.path.basename(path))
     for name in (INDEX_NAME, SINGLE_NAME, LEGACY_INDEX_NAME, LEGACY_SINGLE_NAME):
         if os.path.isfile(os.path.join(path, name)):
+            safe_member(path, name)  # an index that is a link out of the directory, as a shard: refused
             return _indexed(path, name) if name.endswith(".json") else _single(path, name)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
@@ -228,17 +254,110 @@ def read_index(path: str) -> CheckpointIndex:
 
 def _indexed(directory: str, name: str) -> CheckpointIndex:
     index_path = os.path.join(directory, name)
-    try:
-        with open(index_path) as f:
-            doc = json.load(f)
-        weight_map = dict(doc["weight_map"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_path}: not a valid index: {e!r}") from None
-    ours = (doc.get("metadata") or {}).get(META_KEY) if name == INDEX_NAME else None
-    aliases = dict((ours or {}).get("aliases", {}))
-    for file in set(weight_map.values()):
+    with open(index_path, "rb") as f:
+        doc = parse_json(index_path, f.read(), "the index")
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{index_path}: not a valid index: {_kind(doc)}, not a JSON object")
+    weight_map = doc.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: not a valid index: field weight_map is {_kind(weight_map)}, "
+                              "not an object")
+    for tensor, file in weight_map.items():
+        if not isinstance(file, str):
+            raise CheckpointError(f"{index_path}: field weight_map[{tensor!r}] is {_kind(file)}, not a file name")
         safe_member(directory, file)
-    return CheckpointIndex(directory, weight_map, aliases, ours)
+    ours = None
+    if name == INDEX_NAME:  # our block rides in the safetensors index only
+        metadata = doc.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise CheckpointError(f"{index_path}: field metadata is {_kind(metadata)}, not an object")
+        ours = (metadata or {}).get(META_KEY)
+        if ours is not None:
+            _check_ours(index_path, ours, weight_map)
+    return CheckpointIndex(directory, weight_map, dict((ours or {}).get("aliases", {})), ours)
+
+
+def _kind(value) -> str:
+    """How a malformed field is described in an error: its JSON-ish type and the start of it."""
+    if value is None:
+        return "null"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name} ({short_repr(value)})"
+
+
+def short_repr(value) -> str:
+    """repr for error messages about untrusted values: bounded in length and depth (a plain
+    repr of JSON nested 900 deep can itself raise RecursionError)."""
+    return reprlib.repr(value)[:80]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _major_version(version) -> int | None:
+    """The major of a format version: 1, or "1.2" (a compatible later addition)."""
+    if _is_int(version):
+        return version
+    if isinstance(version, str) and re.fullmatch(r"\d{1,9}(\.\d{1,9})*", version):
+        return int(version.split(".")[0])
+    return None
+
+
+def _check_ours(index_path: str, ours, weight_map: dict) -> None:
+    """Our metadata block, field by field: the version first (a newer major is refused, whatever
+    else changed), then the digest (where recorded), then the type of every field we read."""
+    where = f"{index_path}: field metadata.{META_KEY}"
+    if not isinstance(ours, dict):
+        raise CheckpointError(f"{where} is {_kind(ours)}, not an object")
+    major = _major_version(ours.get("version"))
+    if major is None:
+        raise CheckpointError(f"{where}.version is {_kind(ours.get('version'))}, not a format version")
+    if major > FORMAT_VERSION:
+        raise CheckpointError(f"{index_path}: written in format version {ours['version']} by a newer dist_saver; "
+                              f"this one reads format version {FORMAT_VERSION}: upgrade dist_saver to load it")
+    if DIGEST_KEY in ours:  # indexes from before the digest (and other tools') carry none
+        recorded = ours[DIGEST_KEY]
+        try:
+            actual = index_digest(weight_map, ours)
+        except (RecursionError, ValueError):
+            actual = None
+        if recorded != actual:
+            raise CheckpointError(f"{where}.{DIGEST_KEY}: the index's content hashes to {actual}, not to the "
+                                  f"recorded {str(recorded)[:80]!r}: the index was edited or damaged")
+    aliases = ours.get("aliases", {})
+    if not isinstance(aliases, dict):
+        raise CheckpointError(f"{where}.aliases is {_kind(aliases)}, not an object")
+    for alias, target in aliases.items():
+        if not isinstance(target, str) or target not in weight_map or alias in weight_map:
+            raise CheckpointError(f"{where}.aliases[{alias!r}] is {_kind(target)}: an alias must name a tensor "
+                                  "of weight_map and not be one itself")
+    files = ours.get("files", {})
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{where}.files is {_kind(files)}, not an object")
+    for file, entry in files.items():
+        _check_file_record(f"{where}.files[{file!r}]", entry)
+    if not _is_int(ours.get("world_size", 1)):
+        raise CheckpointError(f"{where}.world_size is {_kind(ours.get('world_size'))}, not an integer")
+
+
+def _check_file_record(where: str, entry) -> None:
+    """{"rank", "size", "ranges": [[offset, length, rank, checksum], ...]}, or from before
+    per-range checksums {"rank", "size", "checksum"}; whether the ranges tile the file and the
+    checksums match is verify's business."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where} is {_kind(entry)}, not an object")
+    for key in ("rank", "size"):
+        if key in entry and not _is_int(entry[key]):
+            raise CheckpointError(f"{where}.{key} is {_kind(entry[key])}, not an integer")
+    if "checksum" in entry and not isinstance(entry["checksum"], str):
+        raise CheckpointError(f"{where}.checksum is {_kind(entry['checksum'])}, not a string")
+    ranges = entry.get("ranges", [])
+    if not isinstance(ranges, list):
+        raise CheckpointError(f"{where}.ranges is {_kind(ranges)}, not a list")
+    for i, r in enumerate(ranges):
+        if not (isinstance(r, list) and len(r) == 4 and all(_is_int(x) for x in r[:3]) and isinstance(r[3], str)):
+            raise CheckpointError(f"{where}.ranges[{i}] is {_kind(r)}, not [offset, length, rank, checksum]")
 
 
 def _single(directory: str, name: str) -> CheckpointIndex:
@@ -260,13 +379,23 @@ def safe_member(directory: str, name: str) -> str:
     and symlinks that leave the directory are refused before anything is opened.
     """
     if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
-            or os.path.isabs(name) or "\0" in name):
-        raise CheckpointError(f"{directory}: the index names file {name!r}, which is not a plain file name")
+            or os.path.isabs(name) or "\0" in name or not _encodable(name)):
+        raise CheckpointError(f"{directory}: the index names file {short_repr(name)}, which is not a plain file name")
     full = os.path.join(directory, name)
     real_dir = os.path.realpath(directory)
     if os.path.dirname(os.path.realpath(full)) != real_dir:
         raise CheckpointError(f"{full}: is a link that leads outside the checkpoint directory")
     return full
+
+
+def _encodable(name: str) -> bool:
+    """A name the OS can take: JSON may carry lone surrogates that os functions refuse with
+    UnicodeEncodeError."""
+    try:
+        os.fsencode(name)
+    except UnicodeError:
+        return False
+    return True
 
 
 def is_plain_relpath(name) -> bool:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 
@@ -12,12 +13,23 @@ from . import format as fmt
 def model_files(model) -> dict[str, bytes]:
     """{file name: content} of a transformers PreTrainedModel's config files, taken now.
 
+    The config as save_pretrained writes it, not as built: `dtype` from the first floating-point
+    parameter (a model loaded in bf16 and trained after .float() is saved as float32; else
+    from_pretrained would round every weight back to bf16) and `architectures` from the model's
+    class (without the "FSDP" prefix fully_shard adds). Set on a copy: save_pretrained changes
+    the model's own config, we leave it alone (an async save must not race the training).
     Duck-typed (config.to_json_string), so transformers stays an optional dependency; a plain
     nn.Module or state dict gives {}.
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string") or not hasattr(model, "state_dict"):
         return {}
+    config = copy.deepcopy(config)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None) \
+        if callable(getattr(model, "parameters", None)) else None
+    if dtype is not None:  # transformers 5 (and 4.56+) writes "dtype"; older ones "torch_dtype"
+        setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", str(dtype).split(".")[1])
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]
     out = {"config.json": config.to_json_string().encode()}
     generation = getattr(model, "generation_config", None)
     can_generate = getattr(model, "can_generate", lambda: False)

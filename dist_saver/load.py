@@ -32,6 +32,8 @@ class LoadResult:
     bytes_read: int = 0
     bytes_verified: int = 0  # with verify=True: the bytes of the recorded ranges checked
     seconds: float = 0.0
+    missing: list[str] = field(default_factory=list)  # target names the checkpoint lacks (left as they were)
+    unexpected: list[str] = field(default_factory=list)  # checkpoint names the target lacks (not read)
 
 
 def _resolve(index: fmt.CheckpointIndex, name: str) -> str | None:
@@ -93,7 +95,9 @@ def dist_load(
     Each rank opens only the files holding its own tensors and, for DTensor targets (FSDP2, TP,
     2-D), reads only its shard's byte ranges. With strict, names the checkpoint lacks or has in
     excess raise CheckpointError; shape or dtype mismatches always do. If a process group is
-    initialised, an error on any rank is raised on every rank. verify=True first checks the
+    initialised, an error on any rank is raised on every rank. The result lists what a
+    strict=False load left out: `missing` (target names not in the checkpoint, left untouched)
+    and `unexpected` (checkpoint names the target lacks). verify=True first checks the
     recorded checksums of the byte ranges covering what this rank reads (its shard, not the
     whole file, for checkpoints written by several ranks per file). progress: a tqdm bar on rank 0 of the bytes read by
     all ranks (None: when stderr is a terminal and the load takes over 2 s; True; False).
@@ -141,28 +145,35 @@ def _load_into(targets, path: str, strict: bool, result: LoadResult, verify: boo
         groups.setdefault(key if key is not None else ("name", name), []).append(name)
     # stored name -> [(target name, tensor to fill, box of the global tensor or None for all)]
     reads: dict[str, list[tuple[str, torch.Tensor, tuple | None]]] = {}
+    # stored name -> [(target name, tensor)]: tied names resolving to another stored tensor than
+    # the one read; their dtype and shape must match it too (an alias leading elsewhere is damage)
+    checks: dict[str, list[tuple[str, torch.Tensor]]] = {}
     missing = []
     for names in groups.values():
-        stored = next((s for s in map(lambda n: _resolve(index, n), names) if s is not None), None)
-        if stored is None:
+        resolved = [(n, found) for n, found in ((n, _resolve(index, n)) for n in names) if found is not None]
+        if not resolved:
             missing.extend(names)
             continue
         result.loaded.extend(names)
-        target = targets[names[0]]
-        box = _own_box(names[0], target)
+        name, stored = resolved[0]
+        target = targets[name]
+        box = _own_box(name, target)
         if box is None or all(s > 0 for s in box[1]):  # an empty shard needs no file
-            reads.setdefault(stored, []).append((names[0], target, box))
-    if strict:
-        expected = set(targets)
-        unexpected = sorted(n for n in list(index.weight_map) + list(index.aliases) if n not in expected)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"checkpoint {path} does not match the model: missing {sorted(missing)[:10]}"
-                f"{'...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
-                f"{'...' if len(unexpected) > 10 else ''} (pass strict=False to load the overlap)"
-            )
+            reads.setdefault(stored, []).append((name, target, box))
+        for other, found in resolved[1:]:
+            if found != stored:
+                checks.setdefault(found, []).append((other, target))
+    result.missing = missing = sorted(missing)
+    result.unexpected = unexpected = sorted(n for n in list(index.weight_map) + list(index.aliases)
+                                            if n not in targets)
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model: missing {missing[:10]}"
+            f"{'...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
+            f"{'...' if len(unexpected) > 10 else ''} (pass strict=False to load the overlap)"
+        )
     staging = StagingBuffer()
-    by_file = _by_file(index, reads)
+    by_file = _by_file(index, set(reads) | set(checks))
     if progress is not None:  # the bytes this rank will deliver into its targets
         progress.set_total(sum(math.prod(t.shape if box is None else box[1]) * t.dtype.itemsize
                                for entries in reads.values() for _, t, box in entries))
@@ -173,15 +184,16 @@ def _load_into(targets, path: str, strict: bool, result: LoadResult, verify: boo
         with open_shard(index, file) as f:
             if verify:  # the recorded ranges covering the header and what this rank reads, first
                 result.bytes_verified += verify_spans(index, file, [(0, 1)] + [
-                    _span(f.info(stored), box) for stored in stored_names for _, _, box in reads[stored]])
+                    _span(f.info(stored), box) for stored in stored_names for _, _, box in reads.get(stored, [])])
             for stored in stored_names:
                 dtype, shape, _ = f.info(stored)
-                for name, target, box in reads[stored]:
+                for name, target, *_ in reads.get(stored, []) + checks.get(stored, []):
                     if tuple(target.shape) != shape or target.dtype != dtype:
                         raise CheckpointError(
                             f"tensor {name!r}: the model has {target.dtype}{list(target.shape)} but file "
-                            f"{file} has {dtype}{list(shape)} (stored as {stored!r})"
+                            f"{os.path.join(index.directory, file)} has {dtype}{list(shape)} (stored as {stored!r})"
                         )
+                for name, target, box in reads.get(stored, []):
                     local = target.to_local() if box is not None else target
                     with torch.no_grad():
                         result.bytes_read += f.read_into(stored, local.detach(), box, staging)

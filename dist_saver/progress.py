@@ -2,8 +2,11 @@
 process group's key-value store, a few times a second; rank 0 draws one tqdm bar from the sum.
 
 tqdm is optional; the bar is off when stderr is not a terminal (unless asked for) and appears only
-for operations longer than SHOW_AFTER_S. Ranks report whether or not rank 0 draws (they cannot
-know): a throttled store add costs well under a millisecond.
+for operations longer than SHOW_AFTER_S, counted from the operation's start (not the bar's: a save
+makes its bar only when writing starts, and tqdm's own `delay` never drew a bar that closed before
+it, so a 3 s save whose writes took 1.5 s drew nothing). Sizes in GB (10^9), as the log line and
+SaveResult. Ranks report whether or not rank 0 draws (they cannot know): a throttled store add
+costs well under a millisecond.
 """
 
 from __future__ import annotations
@@ -13,22 +16,32 @@ import logging
 import sys
 import threading
 import time
+import weakref
 
-import torch.distributed as dist
+from .comm import default_store
 
 log = logging.getLogger("dist_saver")
 
-SHOW_AFTER_S = 2.0  # tqdm's delay: short saves and loads print nothing
+SHOW_AFTER_S = 2.0  # auto mode: operations shorter than this print nothing
 REPORT_EVERY_S = 0.25  # how often a rank adds its bytes to the store, and rank 0 redraws
+# tqdm's default, with the unit on the sizes too ("1.50GB/3.00GB", not "1.50G/3.00G")
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
-_calls: dict[tuple, int] = {}  # per (kind, group): its ranks call in the same order
+# Calls per kind, per group: its ranks call in the same order, so the n-th call's key is the same on
+# every rank. Keyed by the group object (weakly): a process group destroyed and initialised again
+# starts counting afresh, as processes that join it new do.
+_calls: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_calls_no_group: dict[str, int] = {}
+
+
+def _next_call(kind: str, group) -> int:
+    counts = _calls.setdefault(group, {}) if group is not None else _calls_no_group
+    counts[kind] = counts.get(kind, 0) + 1
+    return counts[kind]
 
 
 def _default_store():
-    try:  # the store torchrun's rendezvous (or init_process_group) made; private API, so guarded
-        return dist.distributed_c10d._get_default_store()
-    except Exception:
-        return None
+    return default_store()
 
 
 def _tqdm():
@@ -42,17 +55,21 @@ def _tqdm():
 class Progress:
     """Bytes done by this rank -> the shared counter; on rank 0 with show, a bar of all ranks'.
 
-    enabled: None (auto: draw when stderr is a terminal), True (draw if tqdm is installed), False
-    (no bar, no reporting). Pass the same on every rank: rank 0 removes the counters it used.
+    enabled: None (auto: draw when stderr is a terminal, once the operation has run SHOW_AFTER_S),
+    True (draw at once if tqdm is installed), False (no bar, no reporting). Pass the same on every
+    rank: rank 0 removes the counters it used. started: time.perf_counter() at the operation's
+    start (default: now), from which auto mode counts.
     """
 
-    def __init__(self, kind: str, comm, label: str, enabled: bool | None = None):
+    def __init__(self, kind: str, comm, label: str, enabled: bool | None = None, started: float | None = None):
         self.comm = comm
         self.enabled = enabled is not False
         ranks = ",".join(str(comm.global_rank(r)) for r in range(comm.world_size)) if comm.active else "0"
         group = hashlib.sha1(ranks.encode()).hexdigest()[:12]  # short keys, even for 1000 ranks
-        n = _calls[kind, group] = _calls.get((kind, group), 0) + 1
-        self.key = f"dist_saver/progress/{kind}/{group}/{n}"
+        identity = getattr(comm, "identity", None)
+        n = _next_call(kind, identity)
+        # the group's name too: groups of the same ranks (another timeout) count separately
+        self.key = f"dist_saver/progress/{kind}/{group}/{getattr(identity, 'group_name', '')}/{n}"
         self.store = _default_store() if self.enabled and comm.active and comm.world_size > 1 else None
         self.lock = threading.Lock()
         self.pending = 0
@@ -62,13 +79,29 @@ class Progress:
         self.total = 0
         self._stop = threading.Event()
         self._thread = None
+        self.label = label
+        self.started = time.perf_counter() if started is None else started
+        # auto: the bar is made once the operation has run SHOW_AFTER_S (in the drawing thread, or
+        # at close); True: now. tqdm's delay is not used: it counts from the bar's creation.
+        self.show_after = 0.0 if enabled is True else SHOW_AFTER_S
+        self._tqdm = None
         tqdm = _tqdm()
         show = comm.rank == 0 and self.enabled and (enabled is True or sys.stderr.isatty())
         if show and tqdm is None and enabled is True:
             log.warning("progress=True needs tqdm (pip install tqdm); no progress bar")
         if show and tqdm is not None:
-            self.bar = tqdm(total=0, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
-                            delay=0 if enabled is True else SHOW_AFTER_S, file=sys.stderr)
+            self._tqdm = tqdm
+            self._make_bar()
+
+    def _make_bar(self) -> None:
+        """The bar, if it is time to show it; its clock starts at the operation's start."""
+        elapsed = time.perf_counter() - self.started
+        if self.bar is not None or self._tqdm is None or elapsed < self.show_after:
+            return
+        # GB (10^9), as the log line and SaveResult.gb_per_s
+        self.bar = self._tqdm(total=self.total_all(), desc=self.label, unit="B", unit_scale=True,
+                              unit_divisor=1000, file=sys.stderr, bar_format=BAR_FORMAT)
+        self.bar.start_t -= elapsed  # tqdm's elapsed time and rate: from the operation's start
 
     def set_total(self, nbytes: int) -> None:
         """This rank's share of the work. Rank 0's bar shows the sum of every rank's."""
@@ -76,7 +109,7 @@ class Progress:
             return
         self.total += int(nbytes)
         self._store_add("/total", int(nbytes))
-        if self.bar is not None and self._thread is None:
+        if self._tqdm is not None and self._thread is None:
             self._thread = threading.Thread(target=self._draw, name="dist_saver-progress", daemon=True)
             self._thread.start()
 
@@ -118,9 +151,14 @@ class Progress:
             return self.done_local, self.total
         return self._store_add("", 0), self._store_add("/total", 0)
 
+    def total_all(self) -> int:
+        return self.total if self.store is None else self._store_add("/total", 0)
+
     def _draw(self) -> None:
         while not self._stop.wait(REPORT_EVERY_S):
-            self._update()
+            self._make_bar()
+            if self.bar is not None:
+                self._update()
 
     def _update(self) -> None:
         done, total = self.done_all()
@@ -138,7 +176,8 @@ class Progress:
         if self.comm.rank != 0:  # rank 0 may have removed the keys already
             return self.done_local, 0
         result = self.done_all()
-        if self.bar is not None:
+        self._make_bar()  # an operation that ran SHOW_AFTER_S gets its final state drawn, even if
+        if self.bar is not None:  # its bytes all moved in less
             self._update()
             self.bar.close()
         if self.store is not None:

@@ -48,15 +48,31 @@ class ShardFile:
         self.bytes_read = 0
 
     def _check_layout(self) -> None:
-        """Every entry fits the file, and no two entries share bytes."""
-        spans = []
-        for name in self.names():
-            dtype, shape, start = self.info(name)  # checks end - begin == the tensor's bytes
-            spans.append((start, start + dtype.itemsize * math.prod(shape), name))
-        spans.sort()
-        for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
-            if b0 < a1:
-                raise CheckpointError(f"{self.path}: tensors {an!r} and {bn!r} overlap in the file")
+        """Every entry well-formed and fitting the file, and the entries tiling the data region
+        exactly, as the safetensors library requires: a header length smaller than the header
+        (which would shift every tensor) leaves trailing bytes, a hole or overlap is damage."""
+        self._entries = {}
+        for name, entry in self.header.items():
+            if name != "__metadata__":
+                self._entries[name] = _parse_entry(self.path, name, entry)
+        spans = sorted((begin, begin + dtype.itemsize * math.prod(shape), name)
+                       for name, (dtype, shape, begin) in self._entries.items())
+        data = self.size - self.data_start
+        pos, prev = 0, None
+        for begin, end, name in spans:
+            if end > data:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has data offsets [{begin}, {end}] that do not "
+                                      f"fit the file ({self.size} bytes, data from byte {self.data_start})")
+            if begin < pos:
+                raise CheckpointError(f"{self.path}: tensors {prev!r} and {name!r} overlap in the file")
+            if begin > pos:
+                raise CheckpointError(f"{self.path}: data bytes [{pos}, {begin}) before tensor {name!r} belong to "
+                                      "no tensor: the header's data_offsets are wrong")
+            pos, prev = end, name
+        if pos != data:
+            raise CheckpointError(f"{self.path}: the tensors fill {pos} bytes of data but the header length field "
+                                  f"({self.data_start - 8}) leaves {data}: the header length or data_offsets are "
+                                  "wrong, or the file has trailing bytes")
 
     def close(self) -> None:
         os.close(self.fd)
@@ -75,24 +91,11 @@ class ShardFile:
         return {}
 
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...], int]:
-        """(dtype, shape, absolute file offset) of a tensor, checked against the file."""
-        entry = self.header.get(name)
-        if not isinstance(entry, dict):
+        """(dtype, shape, absolute file offset) of a tensor (checked against the file on opening)."""
+        found = self._entries.get(name)
+        if found is None:
             raise CheckpointError(f"{self.path}: no tensor {name!r} in this file")
-        try:
-            dtype = fmt.torch_dtype(entry["dtype"])
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{self.path}: bad header entry for {name!r}: {e!r}") from None
-        n = dtype.itemsize
-        for s in shape:
-            n *= s
-        if begin < 0 or end - begin != n or self.data_start + end > self.size or any(s < 0 for s in shape):
-            raise CheckpointError(
-                f"{self.path}: tensor {name!r} ({entry['dtype']}{list(shape)}, {n} bytes) has data "
-                f"offsets [{begin}, {end}] that do not fit it or the file ({self.size} bytes)"
-            )
+        dtype, shape, begin = found
         return dtype, shape, self.data_start + begin
 
     def read_into(self, name: str, out: torch.Tensor, box: tuple | None = None,
@@ -175,6 +178,38 @@ class ShardFile:
             dst.copy_(target)
         self.bytes_read += pos
         return pos
+
+
+def _parse_entry(path: str, name: str, entry) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """(dtype, shape, data offset) of one header entry; anything malformed, or a tensor whose bytes
+    do not fit its data_offsets (or no tensor torch can allocate), is a CheckpointError."""
+    where = f"{path}: header entry {name!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where} is a {type(entry).__name__}, not an object")
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(code, str):
+        raise CheckpointError(f"{where}: field dtype is {fmt.short_repr(code)}, not a safetensors dtype")
+    try:
+        dtype = fmt.torch_dtype(code)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: field dtype: {e}") from None
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise CheckpointError(f"{where}: field shape {fmt.short_repr(shape)} is not a list of non-negative integers")
+    # torch sizes and strides are int64, even for an empty tensor: [2**40, 2**40, 0] is refused too
+    if math.prod(max(1, s) for s in shape) * dtype.itemsize >= 2**63:
+        raise CheckpointError(f"{where}: field shape {fmt.short_repr(shape)} is too large for any tensor")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)):
+        raise CheckpointError(f"{where}: field data_offsets {fmt.short_repr(offsets)} is not [begin, end]")
+    begin, end = offsets
+    n = dtype.itemsize * math.prod(shape)
+    if end - begin != n:
+        raise CheckpointError(f"{where} ({code}{shape}, {n} bytes) has data offsets [{begin}, {end}] that do "
+                              "not fit it")
+    return dtype, tuple(shape), begin
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # Below this many contiguous bytes per run, reading whole rows sequentially beats exact reads.

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+import uuid
+import warnings
 from dataclasses import dataclass, field
 
 from . import format as fmt
 from .comm import Comm, describe_error, raise_if_failed, save_group
+from .errors import CollectiveError, DistSaverWarning, SaveError
 from .commit import Target, WrittenFile, check_written, write_index, written_files
 from .hf import extra_files
 from .hub import Upload
@@ -40,6 +44,8 @@ class SaveResult:
     upload: object = field(default=None, repr=False)  # rank 0 with push_to_hub: hub.Upload
     bytes_sent: list[int] = field(default_factory=list)  # by rank: bytes it sent through the exchange
     bytes_written: list[int] = field(default_factory=list)  # by rank: file bytes it wrote
+    # Set when the checkpoint was published but a rank failed afterwards (also logged as a warning)
+    warning: str | None = None
 
     @property
     def my_files(self) -> list[WrittenFile]:
@@ -79,7 +85,12 @@ def dist_save(
     model.safetensors.index.json last, so its presence means the checkpoint is complete.
 
     A transformers PreTrainedModel also gets its config.json (and generation_config.json) written
-    beside the weights, as save_pretrained does, inside the same atomic publish.
+    beside the weights, as save_pretrained does (dtype from its parameters, architectures from its
+    class), inside the same atomic publish.
+
+    Tied weights (two names for the same view) are stored once. Views that overlap one storage
+    without being the same view (e.g. a fused qkv weight and a slice of it) are each saved in full
+    and load back as separate tensors; a DistSaverWarning names them.
 
     async_save: return an AsyncSave handle as soon as this rank's tensors are copied to host
     memory; writing and the commit go on in a background thread, with their collectives on a
@@ -90,7 +101,11 @@ def dist_save(
     directories, so path holds the previous complete checkpoint or the new one, never a mix.
     overwrite=True is needed to replace an existing checkpoint. timeout (seconds) bounds every
     collective of the save (they run on a gloo group of their own): if a rank dies, the others
-    raise within it instead of hanging. checksums: record the xxh3-64 of every byte range each rank
+    raise within it instead of hanging (CollectiveError, a SaveError); a rank that never calls the
+    first save of a group is named after timeout. What a rank reports matches the disk: if a rank
+    dies after rank 0's publish, the survivors return the SaveResult with `warning` set (and
+    logged) naming the published checkpoint and the rank that failed; before it, they raise
+    saying path was not published. checksums: record the xxh3-64 of every byte range each rank
     wrote (computed while writing) in the index, for verify(). Files are written through the page cache with their
     writeback started as each buffer lands (the dirty tail bounded, then fsync);
     direct_io=True writes with O_DIRECT instead (falling back where the filesystem refuses it).
@@ -103,13 +118,13 @@ def dist_save(
     result.upload.wait() on rank 0 returns the commit or raises the upload's SaveError (the
     checkpoint on disk is complete either way).
 
-    progress: a tqdm bar on rank 0 of the bytes written by all ranks (None: when stderr is a
-    terminal and the save takes over 2 s, never for async saves; True: always; False: never).
+    progress: a tqdm bar on rank 0 of the bytes written by all ranks, in GB (None: when stderr is a
+    terminal, once the save has run 2 s, never for async saves; True: always; False: never).
     """
     wait_for_pending_save()
     t0 = time.perf_counter()
     path = os.fspath(path)
-    comm = Comm(save_group(process_group, timeout))
+    comm = Comm(save_group(process_group, timeout), timeout=timeout)
 
     # 1. Describe local tensors (no communication yet; an error is shared in the first gather).
     local, error, extra = None, None, {}
@@ -117,6 +132,14 @@ def dist_save(
         if comm.rank == 0:  # taken now: an async save must not see later changes
             extra = extra_files(model_or_state_dict, tokenizer, processor)
         local = collect(model_or_state_dict)
+        if local.overlaps:  # one warning per save, naming the first pairs
+            pairs = ", ".join(f"{a!r} and {b!r}" for a, b in local.overlaps[:5])
+            more = f" (and {len(local.overlaps) - 5} more pairs)" if len(local.overlaps) > 5 else ""
+            warnings.warn(
+                f"rank {comm.rank}: tensors {pairs}{more} overlap in memory (views of one storage) but are not "
+                "the same view; each is saved in full, so the shared bytes are stored twice and load back as "
+                "separate tensors (only identical views are saved once, as tied weights)",
+                DistSaverWarning, stacklevel=2)
     except Exception as e:
         error = e
     opts = _Options(fmt.parse_size(max_shard_size), fmt.parse_size(bucket_size), overwrite, checksums, direct_io,
@@ -201,8 +224,9 @@ def _write_and_commit(prep: _Prepared, path: str, comm: Comm, opts: _Options, t0
             error = e
     took = staging is not None  # rank 0 holds the lock and made the staging directory
     try:  # from here every way out releases what rank 0 took (and only that)
-        staging = comm.agree(error, f"preparing {path}", share=staging)
-        return _write_staged(prep, target, staging, comm, opts, t0)
+        # The save's id names its keys in the store if a rank dies after the publish.
+        staging, save_id = comm.agree(error, f"preparing {path}", share=(staging, uuid.uuid4().hex))
+        return _write_staged(prep, target, staging, save_id, comm, opts, t0)
     except BaseException:
         if took:  # the old checkpoint (if any) is untouched; drop the new pieces
             target.abort()
@@ -212,13 +236,14 @@ def _write_and_commit(prep: _Prepared, path: str, comm: Comm, opts: _Options, t0
             target.release()
 
 
-def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opts: _Options,
+def _write_staged(prep: _Prepared, target: Target, staging: str, save_id: str, comm: Comm, opts: _Options,
                   t0: float) -> SaveResult:
     local, plan = prep.local, prep.plan
     dtypes = {i.name: i.dtype for i in prep.infos}
     shapes = {i.name: i.shape for i in prep.infos}
     path = target.path
-    progress = Progress("save", comm, f"saving {os.path.basename(path)}", opts.progress)
+    staged = _dir_id(staging)  # after a failed publish, tells every rank whether path is this save's
+    progress = Progress("save", comm, f"saving {os.path.basename(path)}", opts.progress, started=t0)
     progress.set_total(sum(e.end - e.begin for _, e in plan.extents_of(comm.rank)))  # data bytes
     cuda = any(t.device.type == "cuda" for t in local.tensors.values())
     streamer = Streamer(cuda=cuda, checksums=opts.checksums, direct_io=opts.direct_io,
@@ -256,12 +281,24 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opt
     if comm.rank == 0:
         try:
             check_written(plan, all_ranges)
-            fmt.write_extra_files(staging, opts.extra_files)
-            write_index(staging, plan, written_files(plan, all_ranges), [name for name, _ in opts.extra_files])
+            for name, data in opts.extra_files:  # one at a time, so an error names its file
+                with _naming(os.path.join(staging, name)):
+                    fmt.write_extra_files(staging, [(name, data)])
+            with _naming(os.path.join(staging, fmt.INDEX_NAME)):  # ENOSPC from a write has no file name
+                write_index(staging, plan, written_files(plan, all_ranges), [name for name, _ in opts.extra_files])
             target.publish()
         except Exception as e:
             error = e
-    comm.agree(error, f"publishing {path}")
+            if target.published:  # only the fsync after the rename failed: say what is on disk
+                error = SaveError(f"the checkpoint at {path} was published, but making the publish durable "
+                                  f"failed (it may not survive a crash of the machine): {describe_error(e)}")
+    warning = None
+    try:
+        comm.agree(error, f"publishing {path}")
+    except CollectiveError as e:
+        # The collective broke (a rank died or hung) around rank 0's publish: what each survivor
+        # reports must match the disk, so look at it instead of assuming failure.
+        warning = _published_anyway(e, comm, target, staged, save_id, error)
 
     written = [0] * comm.world_size
     for w in all_ranges:
@@ -269,6 +306,7 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opt
     result = SaveResult(
         path, comm.rank, comm.world_size, written_files(plan, all_ranges), plan.total_size,
         time.perf_counter() - t0, index_path, plan, bytes_sent=[r[1] for r in reports], bytes_written=written,
+        warning=warning,
     )
     if comm.rank == 0:
         slowest = max(range(len(reports)), key=lambda r: reports[r][2])
@@ -282,3 +320,51 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, comm: Comm, opt
         if opts.push_to_hub:
             result.upload = Upload.start(target.path, opts.push_to_hub, target)
     return result
+
+
+# How long survivors of a broken publish wait for each other to answer through the store, to name
+# the ranks that did not (dead ones never answer; live ones answer as soon as their collective breaks).
+ANSWER_GRACE_S = 3.0
+
+
+def _published_anyway(failure: CollectiveError, comm: Comm, target: Target, staged, save_id: str,
+                      error: BaseException | None) -> str:
+    """After the publishing agreement broke: a warning naming the ranks that did not answer if path
+    holds this save's complete checkpoint (the caller reports success), else a CollectiveError that
+    says whether it was published."""
+    published = target.published if comm.rank == 0 else _dir_id(target.path) == staged and staged is not None
+    published = published and os.path.isfile(os.path.join(target.path, fmt.INDEX_NAME))
+    if not published:
+        own = f"\n  rank {comm.rank}'s own error: {describe_error(error)}" if error is not None else ""
+        raise CollectiveError(f"{failure}\n  {target.path} was not published by this save when rank {comm.rank} "
+                              f"gave up (it holds the previous checkpoint, if any){own}") from failure
+    if error is not None:  # rank 0: published, but making it durable failed (its message says so)
+        raise CollectiveError(f"{failure}\n  rank {comm.rank}: {describe_error(error)}") from failure
+    alive = comm.responsive(f"{save_id}/published", min(ANSWER_GRACE_S, comm.timeout or ANSWER_GRACE_S))
+    gone = [r for r in range(comm.world_size) if alive is not None and r not in alive]
+    who = f"rank {','.join(map(str, gone))}" if gone else "another rank"
+    warning = (f"the checkpoint at {target.path} was published (complete: every file and the index are in place); "
+               f"{who} failed afterwards, so its process group is broken: {str(failure).splitlines()[0]}")
+    log.warning("rank %d: %s", comm.rank, warning)
+    return warning
+
+
+def _dir_id(path: str):
+    """(device, inode) of a directory: a rename keeps it, so a rank can tell whether path is the
+    staging directory it wrote into. None if it is not there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+@contextlib.contextmanager
+def _naming(path: str):
+    """Add the file name to an OSError that lacks one (a failed write() or fsync() reports none)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), path) from e
+        raise

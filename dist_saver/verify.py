@@ -3,7 +3,9 @@
 A file written in place by several ranks records one checksum per written range
 ([offset, length, rank, checksum], tiling the file); checkpoints from before that record one per
 file, and still verify. A partial check (a rank's dist_load(verify=True)) reads only the ranges
-covering the bytes it needs.
+covering the bytes it needs. The index itself is checked as it is read (its digest, where
+recorded: see format.index_digest); verify() also checks that each file holds exactly the
+tensors the index maps to it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Iterable, Sequence
 from . import format as fmt
 from .checksum import Hasher
 from .errors import CheckpointError
+from .reader import open_weights
 
 _BLOCK = 16 << 20
 
@@ -23,7 +26,8 @@ def verify(path: str | os.PathLike, files: Iterable[str] | None = None) -> dict[
 
     Returns {file: "<algorithm>: N ranges"}; raises CheckpointError naming the first file (and the
     byte range, and the rank that wrote it) that differs, is missing, or has no recorded checksum
-    (a checkpoint not written by dist_saver, or saved with checksums=False).
+    (a checkpoint not written by dist_saver, or saved with checksums=False), or an index that
+    fails its digest or maps to a file other tensors than the file holds.
     """
     index = fmt.read_index(os.fspath(path))
     if not (index.ours or {}).get("files"):
@@ -32,8 +36,20 @@ def verify(path: str | os.PathLike, files: Iterable[str] | None = None) -> dict[
     for name in sorted(files if files is not None else set(index.weight_map.values())):
         full, ranges = recorded_ranges(index, name)
         _check(full, ranges)
+        _check_names(index, name, full)
         out[name] = f"{ranges[0][3].split(':', 1)[0]}: {len(ranges)} range{'s' if len(ranges) > 1 else ''}"
     return out
+
+
+def _check_names(index: fmt.CheckpointIndex, name: str, full: str) -> None:
+    """Our files hold exactly the tensors the index maps to them: an index that lost or gained
+    an entry (one from before the index digest) disagrees with the checksummed headers."""
+    with open_weights(full) as f:
+        held = set(f.names())
+    mapped = {t for t, file in index.weight_map.items() if file == name}
+    if held != mapped:
+        raise CheckpointError(f"{full}: holds tensors {sorted(held - mapped)[:5]} that the index's weight_map does "
+                              f"not map to it, and lacks {sorted(mapped - held)[:5]} that it does")
 
 
 def verify_spans(index: fmt.CheckpointIndex, name: str, spans: Sequence[tuple[int, int]]) -> int:
@@ -53,21 +69,22 @@ def recorded_ranges(index: fmt.CheckpointIndex, name: str) -> tuple[str, list[tu
         raise CheckpointError(f"{full}: shard file missing")
     size = os.path.getsize(full)
     entry = ((index.ours or {}).get("files") or {}).get(name)
+    field = f"metadata.{fmt.META_KEY}.files[{name!r}]"
     if not isinstance(entry, dict):
-        raise CheckpointError(f"{full}: no checksum recorded for this file")
+        raise CheckpointError(f"{full}: no checksum recorded for this file (no field {field} in the index)")
     raw = entry.get("ranges")
     if raw is None:  # written before per-range checksums: one for the whole file
         raw = [[0, size, entry.get("rank"), entry.get("checksum")]]
     try:
         ranges = [(int(b), int(n), rank, c) for b, n, rank, c in raw]
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{full}: the index's recorded ranges are malformed: {e!r}") from None
+        raise CheckpointError(f"{full}: the index's recorded ranges ({field}) are malformed: {e!r}") from None
     ranges.sort(key=lambda r: r[0])
     pos = 0
     for b, n, _, c in ranges:
         if b != pos or n <= 0:
-            raise CheckpointError(f"{full}: the index's recorded ranges do not tile the file (gap or overlap "
-                                  f"at byte {pos})")
+            raise CheckpointError(f"{full}: the index's recorded ranges ({field}.ranges) do not tile the file "
+                                  f"(gap or overlap at byte {pos})")
         if not isinstance(c, str) or ":" not in c:
             raise CheckpointError(f"{full}: no checksum recorded for bytes [{b}, {b + n}) (saved with "
                                   "checksums=False?)")
@@ -87,7 +104,8 @@ def _check(full: str, ranges: Sequence[tuple[int, int, object, str]]) -> None:
             try:
                 h = Hasher(expected.split(":", 1)[0])
             except (ValueError, RuntimeError) as e:
-                raise CheckpointError(f"{full}: bytes [{begin}, {begin + length}): {e}") from None
+                raise CheckpointError(f"{full}: the checksum the index records for bytes [{begin}, {begin + length}) "
+                                      f"(field metadata.{fmt.META_KEY}.files[{os.path.basename(full)!r}]): {e}") from None
             pos, end = begin, begin + length
             while pos < end:
                 data = os.pread(fd, min(_BLOCK, end - pos), pos)
