@@ -35,7 +35,7 @@ import torch.distributed as dist
 from dist_saver import dist_save
 from dist_saver.buffers import aligned_empty, as_bytes
 from dist_saver.memory import PeakRSS
-from dist_saver.synthetic import TinyLlama, llama_config_for_bytes
+from dist_saver.synthetic import TinyLlama, llama_config_for_bytes, shard_llama
 
 
 def _io_written() -> int:
@@ -44,38 +44,10 @@ def _io_written() -> int:
 
 
 def build_model(layout: str, size_gb: float, world: int) -> torch.nn.Module:
-    cfg = llama_config_for_bytes(int(size_gb * 1e9))
-    if layout == "replicated":
-        with torch.device("meta"):
-            model = TinyLlama(**cfg)
-        model.to_empty(device="cpu")
-    else:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        with torch.device("meta"):
-            model = TinyLlama(**cfg)
-        mesh = init_device_mesh("cpu", (world,))
-        if layout == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.model.layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-        elif layout == "tp":
-            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-            plan = {}
-            for i in range(cfg["layers"]):
-                for n in ("q_proj", "k_proj", "v_proj"):
-                    plan[f"model.layers.{i}.self_attn.{n}"] = ColwiseParallel()
-                plan[f"model.layers.{i}.self_attn.o_proj"] = RowwiseParallel()
-                for n in ("gate_proj", "up_proj"):
-                    plan[f"model.layers.{i}.mlp.{n}"] = ColwiseParallel()
-                plan[f"model.layers.{i}.mlp.down_proj"] = RowwiseParallel()
-            parallelize_module(model, mesh, plan)
-        else:
-            raise ValueError(layout)
-        model.to_empty(device="cpu")
+    with torch.device("meta"):
+        model = TinyLlama(**llama_config_for_bytes(int(size_gb * 1e9)))
+    shard_llama(model, "none" if layout == "replicated" else layout, world)
+    model.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # the same values on every rank for replicated tensors
         for p in model.parameters():

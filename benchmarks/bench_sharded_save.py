@@ -31,46 +31,14 @@ import torch.distributed as dist
 from dist_saver import dist_save
 from dist_saver.buffers import aligned_empty, as_bytes
 from dist_saver.memory import PeakRSS
-from dist_saver.synthetic import TinyLlama, llama_config_for_bytes
-
-
-def tp_plan(layers: int) -> dict:
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    plan = {}
-    for i in range(layers):
-        for n in ("q_proj", "k_proj", "v_proj"):
-            plan[f"model.layers.{i}.self_attn.{n}"] = ColwiseParallel()  # weight Shard(0)
-        plan[f"model.layers.{i}.self_attn.o_proj"] = RowwiseParallel()  # weight Shard(1)
-        for n in ("gate_proj", "up_proj"):
-            plan[f"model.layers.{i}.mlp.{n}"] = ColwiseParallel()
-        plan[f"model.layers.{i}.mlp.down_proj"] = RowwiseParallel()
-    return plan
+from dist_saver.synthetic import TinyLlama, llama_config_for_bytes, shard_llama
 
 
 def build(layout: str, cfg: dict, world: int, device: str) -> torch.nn.Module:
     """The model on meta, sharded as asked, then materialised on device with cheap distinct values."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import parallelize_module
-
     with torch.device("meta"):
         model = TinyLlama(**cfg)
-    if layout == "fsdp":
-        mesh = init_device_mesh(device, (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    elif layout == "tp":
-        parallelize_module(model, init_device_mesh(device, (world,)), tp_plan(cfg["layers"]))
-    elif layout == "2d":
-        mesh = init_device_mesh(device, (2, world // 2), mesh_dim_names=("dp", "tp"))
-        parallelize_module(model, mesh["tp"], tp_plan(cfg["layers"]))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh["dp"])
-        fully_shard(model, mesh=mesh["dp"])
-    elif layout != "replicated":
-        raise ValueError(layout)
+    shard_llama(model, "none" if layout == "replicated" else layout, world, device)
     model.to_empty(device=device)
     with torch.no_grad():
         for i, p in enumerate(model.parameters()):
@@ -95,7 +63,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.layout == "2d" and (world < 4 or world % 2):
-        raise SystemExit("--layout 2d needs an even world size >= 4 (dp=2 x tp=world/2)")
+        raise SystemExit("--layout 2d needs an even world size >= 4 (tp=2 inside world/2 dp replicas)")
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     cfg = llama_config_for_bytes(int(args.size_gb * 1e9))

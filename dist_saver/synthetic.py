@@ -72,3 +72,50 @@ def llama_config_for_bytes(target_bytes: int, dtype=torch.bfloat16) -> dict:
     layers = max(1, round((target_bytes - fixed) / per_layer))
     return dict(vocab=vocab, hidden=hidden, kv=kv, intermediate=intermediate, layers=layers,
                 tie_embeddings=False, dtype=dtype)
+
+
+def llama_tp_plan(layers: int) -> dict:
+    """The usual Llama tensor-parallel plan for TinyLlama (parallelize_module's argument):
+    q/k/v and gate/up colwise (weights Shard(0)), o_proj and down_proj rowwise (weights Shard(1))."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {}
+    for i in range(layers):
+        for n in ("q_proj", "k_proj", "v_proj"):
+            plan[f"model.layers.{i}.self_attn.{n}"] = ColwiseParallel()
+        plan[f"model.layers.{i}.self_attn.o_proj"] = RowwiseParallel()
+        for n in ("gate_proj", "up_proj"):
+            plan[f"model.layers.{i}.mlp.{n}"] = ColwiseParallel()
+        plan[f"model.layers.{i}.mlp.down_proj"] = RowwiseParallel()
+    return plan
+
+
+def shard_llama(model: nn.Module, layout: str, world: int, device: str = "cpu") -> nn.Module:
+    """Apply a parallel layout to a TinyLlama in place (on the meta device or materialised):
+    "fsdp" (FSDP2 per layer, then the root), "tp" (llama_tp_plan), "hsdp" (FSDP2 on a
+    (2, world/2) mesh: replicated across dim 0), "2d" (TP of 2 inside world/2 data-parallel
+    replicas, FSDP2 across them), "none" (unchanged). Meshes are made on `device`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    layers = len(model.model.layers)
+
+    def fsdp(mesh):
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+    if layout == "fsdp":
+        fsdp(init_device_mesh(device, (world,)))
+    elif layout == "tp":
+        parallelize_module(model, init_device_mesh(device, (world,)), llama_tp_plan(layers))
+    elif layout == "hsdp":
+        fsdp(init_device_mesh(device, (2, world // 2), mesh_dim_names=("replicate", "shard")))
+    elif layout == "2d":
+        mesh = init_device_mesh(device, (world // 2, 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], llama_tp_plan(layers))
+        fsdp(mesh["dp"])
+    elif layout != "none":
+        raise ValueError(f"unknown layout {layout!r}")
+    return model

@@ -83,3 +83,18 @@ def check_checkpoint_files(path: str) -> dict:
     n = len(files)
     assert files == [fmt.shard_file_name(k, n) for k in range(1, n + 1)]
     return index
+
+
+def old_state() -> dict[str, torch.Tensor]:
+    """A small model's weights, and a newer version of them (the checkpoint a save replaces)."""
+    return {f"layer{i}.w": torch.full((64, 64), float(i)) for i in range(6)}
+
+
+def new_state() -> dict[str, torch.Tensor]:
+    return {f"layer{i}.w": torch.full((64, 64), float(100 + i)) for i in range(6)}
+
+
+def leftovers(path) -> list[str]:
+    """What a save left beside the checkpoint directory (lock, staging, previous copy)."""
+    parent, name = os.path.split(str(path))
+    return sorted(e for e in os.listdir(parent) if e.startswith(f".{name}.dist_saver"))

@@ -17,20 +17,9 @@ from dist_saver import format as fmt
 from dist_saver.commit import Target
 
 from .dist_utils import run_ranks
-from .helpers import assert_bitwise_equal
+from .helpers import assert_bitwise_equal, leftovers, new_state, old_state
 
 
-def old_state():
-    return {f"layer{i}.w": torch.full((64, 64), float(i)) for i in range(6)}
-
-
-def new_state():
-    return {f"layer{i}.w": torch.full((64, 64), float(100 + i)) for i in range(6)}
-
-
-def leftovers(path):
-    parent, name = os.path.split(str(path))
-    return sorted(e for e in os.listdir(parent) if e.startswith(f".{name}.dist_saver"))
 
 
 def test_overwrite_publishes_whole_directories(tmp_path):

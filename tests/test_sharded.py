@@ -166,11 +166,13 @@ def _subgroup(rank, world, root):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
-    from .sharded_models import DIMS, TinyLlama, tp_plan
+    from dist_saver.synthetic import llama_tp_plan
+
+    from .sharded_models import DIMS, TinyLlama
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     model = TinyLlama(**DIMS)  # tensor parallel inside each data-parallel replica
-    parallelize_module(model, mesh["tp"], tp_plan(DIMS["layers"]))
+    parallelize_module(model, mesh["tp"], llama_tp_plan(DIMS["layers"]))
     replica = mesh.get_coordinate()[0]
     res = dist_save(model, os.path.join(root, f"replica{replica}"), process_group=mesh["tp"].get_group())
     return res.world_size, sorted({f.rank for f in res.files})
