@@ -83,10 +83,46 @@ def _checkpoint_holding(directory: str, name: str) -> str | None:
 
 
 def inspect_checkpoint(path: str) -> dict:
-    """What a checkpoint holds, read from its index and file headers (no tensor data)."""
+    """What a checkpoint holds, read from its index and file headers (no tensor data); a training
+    checkpoint's optimizer part and train state under "optimizer" and "train_state"."""
     index = locate(path, "inspect")
     ours = index.ours or {}
-    recorded = ours.get("files") or {}
+    files = _file_entries(index)
+    info = {
+        "path": index.directory,
+        "complete": all(f["present"] for f in files),
+        "written_by": "dist_saver" if index.ours else "another tool",
+        "world_size": ours.get("world_size"),
+        "tensors": len(index.weight_map),
+        # tensor data only (SaveResult.total_bytes, the index's total_size) and the files on disk
+        # (headers, padded to 4096 bytes in ours, included), of the files present
+        "tensor_bytes": sum(f.get("tensor_bytes", 0) for f in files),
+        "file_bytes": sum(f.get("size", 0) for f in files),
+        "aliases": index.aliases,
+        "files": files,
+    }
+    optimizer = fmt.read_optimizer_index(index.directory)
+    if optimizer is not None:
+        opt_files = _file_entries(optimizer)
+        groups = ((optimizer.ours or {}).get("optimizer") or {}).get("param_groups") or []
+        info["optimizer"] = {
+            "complete": all(f["present"] for f in opt_files), "tensors": len(optimizer.weight_map),
+            "parameters": sum(len(g.get("params", [])) for g in groups if isinstance(g, dict)),
+            "param_groups": len(groups), "tensor_bytes": sum(f.get("tensor_bytes", 0) for f in opt_files),
+            "file_bytes": sum(f.get("size", 0) for f in opt_files), "files": opt_files}
+        info["complete"] = info["complete"] and info["optimizer"]["complete"]
+    train = os.path.join(index.directory, fmt.TRAIN_STATE_NAME)
+    if os.path.isfile(train):
+        with open(train, "rb") as f:
+            doc = fmt.parse_json(train, f.read(), "the train state")
+        state = doc.get("train_state") if isinstance(doc, dict) else None
+        info["train_state"] = {"keys": sorted(state) if isinstance(state, dict) else None,
+                               "world_size": doc.get("world_size") if isinstance(doc, dict) else None}
+    return info
+
+
+def _file_entries(index: fmt.CheckpointIndex) -> list[dict]:
+    recorded = (index.ours or {}).get("files") or {}
     files = []
     for name in sorted(set(index.weight_map.values())):
         entry = {"file": name, "rank": (recorded.get(name) or {}).get("rank"), "present": False}
@@ -104,19 +140,7 @@ def inspect_checkpoint(path: str) -> dict:
                          if ranges else [], ranges=len(ranges) if ranges else None,
                          checksum=rec.get("checksum"))
         files.append(entry)
-    return {
-        "path": index.directory,
-        "complete": all(f["present"] for f in files),
-        "written_by": "dist_saver" if index.ours else "another tool",
-        "world_size": ours.get("world_size"),
-        "tensors": len(index.weight_map),
-        # tensor data only (SaveResult.total_bytes, the index's total_size) and the files on disk
-        # (headers, padded to 4096 bytes in ours, included), of the files present
-        "tensor_bytes": sum(f.get("tensor_bytes", 0) for f in files),
-        "file_bytes": sum(f.get("size", 0) for f in files),
-        "aliases": index.aliases,
-        "files": files,
-    }
+    return files
 
 
 def _ranks(ranks: list) -> str:
@@ -127,7 +151,22 @@ def _print_inspect(info: dict) -> None:
     print(f"{info['path']}: {info['tensors']} tensors, {human_size(info['tensor_bytes'])} of tensor data in "
           f"{len(info['files'])} files ({human_size(info['file_bytes'])} on disk), written by {info['written_by']}"
           f"{'' if info['complete'] else ', INCOMPLETE'}")
-    for f in info["files"]:
+    _print_files(info["files"])
+    for alias, target in sorted(info["aliases"].items()):
+        print(f"  alias {alias} -> {target}")
+    opt = info.get("optimizer")
+    if opt is not None:
+        print(f"optimizer: {opt['tensors']} state tensors for {opt['parameters']} parameters in "
+              f"{opt['param_groups']} param group(s), {human_size(opt['tensor_bytes'])} in {len(opt['files'])} files"
+              f"{'' if opt['complete'] else ', INCOMPLETE'}")
+        _print_files(opt["files"])
+    train = info.get("train_state")
+    if train is not None:
+        print(f"train state: keys {train['keys']}, saved by {train['world_size']} rank(s)")
+
+
+def _print_files(files: list[dict]) -> None:
+    for f in files:
         if not f["present"]:
             print(f"  {f['file']}: MISSING")
             continue
@@ -135,8 +174,6 @@ def _print_inspect(info: dict) -> None:
         owner = f"rank {f['rank']}" + (f" (written by ranks {_ranks(f['writers'])})" if f.get("writers") else "")
         print(f"  {f['file']}: {owner + ', ' if f['rank'] is not None else ''}{human_size(f['size'])}, "
               f"{f['tensors']} tensor{'' if f['tensors'] == 1 else 's'} ({dtypes})")
-    for alias, target in sorted(info["aliases"].items()):
-        print(f"  alias {alias} -> {target}")
 
 
 def _parser() -> argparse.ArgumentParser:

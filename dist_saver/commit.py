@@ -80,20 +80,24 @@ def written_files(plan: Plan, written: Sequence[WrittenRange]) -> list[WrittenFi
                         sorted(by_file.get(f.name, []), key=lambda w: w.begin)) for f in plan.files]
 
 
-def write_index(directory: str, plan: Plan, files: Sequence[WrittenFile], extra_files: Sequence[str] = ()) -> str:
-    """Write model.safetensors.index.json (atomically) from what the ranks report they wrote.
+def write_index(directory: str, plan: Plan, files: Sequence[WrittenFile], extra_files: Sequence[str] = (),
+                name: str = fmt.INDEX_NAME, metadata: dict | None = None) -> str:
+    """Write one of our indexes (atomically) from what the ranks report they wrote: by default
+    model.safetensors.index.json of the plan's files (optimizer.safetensors.index.json for a
+    training checkpoint's optimizer files, with its param_groups in metadata).
 
     Each file lists its ranges as [offset, length, rank, checksum] (checksum "" when disabled).
-    extra_files: the names saved beside the weights (config, tokenizer), recorded so that a later
-    save with overwrite=True knows the directory holds nothing but ours.
+    extra_files: the names saved beside the weights (config, tokenizer, the training state),
+    recorded so that a later save with overwrite=True knows the directory holds nothing but ours.
     """
+    names = {f.name for f in plan.files}
     entries = {f.name: {"rank": f.rank, "size": f.size,
                         "ranges": [[r.begin, r.end - r.begin, r.rank, r.checksum] for r in f.ranges]}
-               for f in sorted(files, key=lambda f: f.name)}
+               for f in sorted(files, key=lambda f: f.name) if f.name in names}
     extra = {"world_size": plan.world_size, "files": entries, "aliases": dict(sorted(plan.aliases.items())),
-             "extra_files": sorted(extra_files)}
+             "extra_files": sorted(extra_files), **(metadata or {})}
     doc = fmt.index_document(plan.weight_map(), plan.total_size, extra)
-    path = os.path.join(directory, fmt.INDEX_NAME)
+    path = os.path.join(directory, name)
     fmt.write_json_atomic(path, doc)
     return path
 

@@ -19,6 +19,9 @@ import torch
 from .errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
+# A training checkpoint's parts beside the model (dist_save(..., optimizer=, train_state=)).
+OPTIM_INDEX_NAME = "optimizer.safetensors.index.json"
+TRAIN_STATE_NAME = "train_state.json"
 # save_pretrained's files that a checkpoint of ours may carry beside the weights
 OWN_EXTRA_FILES = ("config.json", "generation_config.json")
 SINGLE_NAME = "model.safetensors"
@@ -60,7 +63,7 @@ for _code, _attr in (("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16")):
         _CODE_TO_DTYPE[_code] = getattr(torch, _attr)
 _DTYPE_TO_CODE = {dt: code for code, dt in _CODE_TO_DTYPE.items()}
 
-_FILE_RE = re.compile(r"^model-(\d{5,})-of-(\d{5,})\.safetensors$")
+_FILE_RE = re.compile(r"^(model|optimizer)-(\d{5,})-of-(\d{5,})\.safetensors$")
 
 
 def dtype_code(dtype: torch.dtype) -> str:
@@ -85,9 +88,10 @@ def itemsize(code: str) -> int:
     return _ITEMSIZE[code]
 
 
-def shard_file_name(number: int, total: int) -> str:
-    """The Hugging Face shard name, 1-based: model-00001-of-00004.safetensors."""
-    return f"model-{number:05d}-of-{total:05d}.safetensors"
+def shard_file_name(number: int, total: int, prefix: str = "model") -> str:
+    """The Hugging Face shard name, 1-based: model-00001-of-00004.safetensors (optimizer-... for a
+    training checkpoint's optimizer state)."""
+    return f"{prefix}-{number:05d}-of-{total:05d}.safetensors"
 
 
 def is_shard_file_name(name: str) -> bool:
@@ -267,7 +271,7 @@ def _indexed(directory: str, name: str) -> CheckpointIndex:
             raise CheckpointError(f"{index_path}: field weight_map[{tensor!r}] is {_kind(file)}, not a file name")
         safe_member(directory, file)
     ours = None
-    if name == INDEX_NAME:  # our block rides in the safetensors index only
+    if name in (INDEX_NAME, OPTIM_INDEX_NAME):  # our block rides in our safetensors indexes only
         metadata = doc.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise CheckpointError(f"{index_path}: field metadata is {_kind(metadata)}, not an object")
@@ -275,6 +279,14 @@ def _indexed(directory: str, name: str) -> CheckpointIndex:
         if ours is not None:
             _check_ours(index_path, ours, weight_map)
     return CheckpointIndex(directory, weight_map, dict((ours or {}).get("aliases", {})), ours)
+
+
+def read_optimizer_index(directory: str) -> CheckpointIndex | None:
+    """The optimizer part of a training checkpoint (optimizer.safetensors.index.json), or None."""
+    if not os.path.isfile(os.path.join(directory, OPTIM_INDEX_NAME)):
+        return None
+    safe_member(directory, OPTIM_INDEX_NAME)
+    return _indexed(directory, OPTIM_INDEX_NAME)
 
 
 def _kind(value) -> str:

@@ -24,10 +24,15 @@ STALE_PATTERNS = [fmt.SINGLE_NAME, "model-*-of-*.safetensors", fmt.LEGACY_SINGLE
                   fmt.LEGACY_INDEX_NAME, "pytorch_model-*-of-*.bin"]
 
 
-def checkpoint_files(path: str) -> list[str]:
-    """The files of the complete checkpoint at path that an upload takes, sorted."""
+def checkpoint_files(path: str, training: bool = False) -> list[str]:
+    """The files of the complete checkpoint at path that an upload takes, sorted: a model repo's
+    (weights, index, config, tokenizer...), and with training=True also a training checkpoint's
+    optimizer files and train_state.json."""
     index = fmt.read_index(path)
     weights = set(index.weight_map.values())
+    optimizer = fmt.read_optimizer_index(index.directory)
+    if training and optimizer is not None:
+        weights |= set(optimizer.weight_map.values())
     for name in weights:
         if not os.path.isfile(fmt.safe_member(index.directory, name)):
             raise CheckpointError(f"{index.directory}/{name}: shard file missing; not uploading an "
@@ -42,21 +47,25 @@ def checkpoint_files(path: str) -> list[str]:
                 others.add(rel)
     # Weight files the index does not name are leftovers (another tool's, an older split).
     others = {n for n in others if not (fmt.is_legacy_file(n) or n.endswith(".safetensors")) or n in weights}
+    if not training:  # resuming state is not part of a model repo
+        others -= {fmt.OPTIM_INDEX_NAME, fmt.TRAIN_STATE_NAME}
     return sorted(weights | others)
 
 
 def push_to_hub(path: str | os.PathLike, repo_id: str, *, token: str | None = None,
                 private: bool | None = None, revision: str | None = None,
-                commit_message: str | None = None):
+                commit_message: str | None = None, include_training_state: bool = False):
     """Upload the checkpoint directory at path to the Hub model repo repo_id in one commit
     (created if missing); weight files from an earlier upload that this one does not carry are
-    deleted in the same commit. Returns huggingface_hub's CommitInfo."""
+    deleted in the same commit. A training checkpoint's optimizer files and train_state.json stay
+    behind unless include_training_state. Returns huggingface_hub's CommitInfo."""
     from .commit import Target
 
     api = hf_api(token)
     path = os.path.abspath(os.fspath(path))
     with Target(path).locked():  # no save replaces the directory while it is uploaded
-        return upload(api, path, repo_id, private=private, revision=revision, commit_message=commit_message)
+        return upload(api, path, repo_id, private=private, revision=revision, commit_message=commit_message,
+                      training=include_training_state)
 
 
 def hf_api(token: str | None = None):
@@ -67,9 +76,9 @@ def hf_api(token: str | None = None):
     return HfApi(token=token)
 
 
-def upload(api, path: str, repo_id: str, *, private=None, revision=None, commit_message=None):
+def upload(api, path: str, repo_id: str, *, private=None, revision=None, commit_message=None, training=False):
     """The upload itself; the caller holds the checkpoint's lock (dist_save does already)."""
-    files = checkpoint_files(path)
+    files = checkpoint_files(path, training)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     log.info("pushing %s (%d files) to %s", path, len(files), repo_id)
     return api.upload_folder(

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -13,12 +14,13 @@ import torch
 
 from . import format as fmt
 from .comm import Comm, describe_error, raise_if_failed
-from .errors import CheckpointError
+from .errors import CheckpointError, DistSaverWarning
 from .layout import layout_of
 from .progress import Progress
 from .reader import open_weights
 from .state import alias_key, as_state_dict
 from .buffers import StagingBuffer
+from .training import check_param_groups, optimizer_tensors, restore_rng, set_optimizer
 from .verify import verify_spans
 
 log = logging.getLogger("dist_saver")
@@ -32,6 +34,7 @@ class LoadResult:
     bytes_read: int = 0
     bytes_verified: int = 0  # with verify=True: the bytes of the recorded ranges checked
     seconds: float = 0.0
+    train_state: object = None  # what dist_save(..., train_state=) saved, if anything
     missing: list[str] = field(default_factory=list)  # target names the checkpoint lacks (left as they were)
     unexpected: list[str] = field(default_factory=list)  # checkpoint names the target lacks (not read)
 
@@ -89,18 +92,28 @@ def dist_load(
     process_group=None,
     verify: bool = False,
     progress: bool | None = None,
+    optimizer=None,
+    restore_rng: bool | None = None,
 ) -> LoadResult:
     """Fill the model's (or state dict's) tensors in place from the checkpoint at path.
 
     Each rank opens only the files holding its own tensors and, for DTensor targets (FSDP2, TP,
     2-D), reads only its shard's byte ranges. With strict, names the checkpoint lacks or has in
-    excess raise CheckpointError; shape or dtype mismatches always do. If a process group is
-    initialised, an error on any rank is raised on every rank. The result lists what a
-    strict=False load left out: `missing` (target names not in the checkpoint, left untouched)
-    and `unexpected` (checkpoint names the target lacks). verify=True first checks the
-    recorded checksums of the byte ranges covering what this rank reads (its shard, not the
-    whole file, for checkpoints written by several ranks per file). progress: a tqdm bar on rank 0 of the bytes read by
-    all ranks (None: when stderr is a terminal and the load takes over 2 s; True; False).
+    excess raise CheckpointError; shape or dtype mismatches always do, checked for every tensor
+    before any is read. If a process group is initialised, an error on any rank is raised on
+    every rank. The result lists what a strict=False load left out: `missing` (target names not in
+    the checkpoint, left untouched) and `unexpected` (checkpoint names the target lacks).
+    verify=True first checks the recorded checksums of the byte ranges covering what this rank
+    reads (its shard, not the whole file, for checkpoints written by several ranks per file).
+    progress: a tqdm bar on rank 0 of the bytes read by all ranks (None: when stderr is a terminal
+    and the load takes over 2 s; True; False).
+
+    Resuming (a checkpoint saved with optimizer=/train_state=): optimizer (over the model's
+    parameters; pass the model itself) gets its saved state, resharded to its own layout; names,
+    shapes and param_groups are checked on every rank before anything (weights included) is read,
+    so a mismatch leaves model and optimizer as they were. result.train_state is what was saved.
+    restore_rng (default: when optimizer is given) sets every rank's torch RNG state to the one
+    it had at the save, if the world size is the same (a warning says why not otherwise).
     """
     t0 = time.perf_counter()
     path = os.fspath(path)
@@ -109,7 +122,33 @@ def dist_load(
     error = None
     bar = Progress("load", comm, f"loading {os.path.basename(path)}", progress)
     try:
-        _load_into(as_state_dict(model_or_state_dict), path, strict, result, verify, bar)
+        targets = as_state_dict(model_or_state_dict)
+        index = fmt.read_index(path)
+        parts = [_plan_reads(targets, index, strict, result)]
+        if optimizer is not None:
+            parts.append(_optimizer_reads(model_or_state_dict, optimizer, path, result))
+        train = _train_state(path, optimizer is not None if restore_rng is None else restore_rng)
+        for part in parts:  # every shape and dtype, before a byte is read
+            part.check()
+    except Exception as e:
+        error = e
+        parts = []
+    if optimizer is not None:  # nothing is read on any rank unless every rank can load it all
+        bar.flush()
+        try:
+            _agree(comm, error, f"loading {path}")
+        except BaseException:
+            bar.close()
+            raise
+    try:
+        if error is None:
+            bar.set_total(sum(p.nbytes() for p in parts))  # the bytes this rank will deliver
+            for part in parts:
+                part.read(result, verify, bar)
+            if optimizer is not None:
+                set_optimizer(model_or_state_dict, optimizer, parts[1].targets, parts[1].saved)
+            result.train_state = train.get("train_state") if train else None
+            _restore_rng(train, comm, optimizer is not None if restore_rng is None else restore_rng)
     except Exception as e:
         error = e
     result.seconds = time.perf_counter() - t0
@@ -133,9 +172,67 @@ def dist_load(
     return result
 
 
-def _load_into(targets, path: str, strict: bool, result: LoadResult, verify: bool = False,
-               progress: Progress | None = None) -> None:
-    index = fmt.read_index(path)
+def _agree(comm: Comm, error, what: str) -> None:
+    if comm.world_size == 1:
+        if error is not None:
+            raise error
+        return
+    comm.agree(error, what, CheckpointError)
+
+
+class _Reads:
+    """What one rank reads from one index (the model's, or the optimizer's): planned, checked
+    against the files' headers, then read."""
+
+    def __init__(self, index: fmt.CheckpointIndex, targets, reads, checks):
+        self.index, self.targets = index, targets
+        self.reads = reads  # stored name -> [(target name, tensor, box or None)]
+        self.checks = checks  # stored name -> [(tied target name, tensor)]: shape and dtype only
+        self.by_file = _by_file(index, set(reads) | set(checks))
+        self.saved: dict = {}
+
+    def nbytes(self) -> int:
+        return sum(math.prod(t.shape if box is None else box[1]) * t.dtype.itemsize
+                   for entries in self.reads.values() for _, t, box in entries)
+
+    def check(self) -> None:
+        for file, stored_names in self.by_file.items():
+            with open_shard(self.index, file) as f:
+                for stored in stored_names:
+                    self._check(f, file, stored)
+
+    def _check(self, f, file: str, stored: str) -> None:
+        dtype, shape, _ = f.info(stored)
+        for name, target, *_ in self.reads.get(stored, []) + self.checks.get(stored, []):
+            if tuple(target.shape) != shape or target.dtype != dtype:
+                raise CheckpointError(
+                    f"tensor {name!r}: the model has {target.dtype}{list(target.shape)} but file "
+                    f"{os.path.join(self.index.directory, file)} has {dtype}{list(shape)} (stored as {stored!r})"
+                )
+
+    def read(self, result: LoadResult, verify: bool, progress: Progress | None) -> None:
+        index = self.index
+        if verify and not (index.ours or {}).get("files"):
+            raise CheckpointError(f"{index.directory}: no checksums recorded (not written by dist_saver)")
+        staging = StagingBuffer()
+        for file, stored_names in self.by_file.items():
+            result.files_opened.append(file)
+            with open_shard(index, file) as f:
+                if verify:  # the recorded ranges covering the header and what this rank reads, first
+                    result.bytes_verified += verify_spans(index, file, [(0, 1)] + [
+                        _span(f.info(stored), box) for stored in stored_names
+                        for _, _, box in self.reads.get(stored, [])])
+                for stored in stored_names:
+                    self._check(f, file, stored)  # again: the file may have changed since
+                    for name, target, box in self.reads.get(stored, []):
+                        local = target.to_local() if box is not None else target
+                        with torch.no_grad():
+                            result.bytes_read += f.read_into(stored, local.detach(), box, staging)
+                        if progress is not None:
+                            progress.add(local.numel() * local.element_size())
+
+
+def _plan_reads(targets, index: fmt.CheckpointIndex, strict: bool, result: LoadResult) -> _Reads:
     # Tied target tensors share memory: fill each memory once, from whichever name is stored.
     groups: dict = {}
     for name, t in targets.items():
@@ -168,37 +265,68 @@ def _load_into(targets, path: str, strict: bool, result: LoadResult, verify: boo
                                             if n not in targets)
     if strict and (missing or unexpected):
         raise CheckpointError(
-            f"checkpoint {path} does not match the model: missing {missing[:10]}"
+            f"checkpoint {index.directory} does not match the model: missing {missing[:10]}"
             f"{'...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
             f"{'...' if len(unexpected) > 10 else ''} (pass strict=False to load the overlap)"
         )
-    staging = StagingBuffer()
-    by_file = _by_file(index, set(reads) | set(checks))
-    if progress is not None:  # the bytes this rank will deliver into its targets
-        progress.set_total(sum(math.prod(t.shape if box is None else box[1]) * t.dtype.itemsize
-                               for entries in reads.values() for _, t, box in entries))
-    if verify and not (index.ours or {}).get("files"):
-        raise CheckpointError(f"{index.directory}: no checksums recorded (not written by dist_saver)")
-    for file, stored_names in by_file.items():
-        result.files_opened.append(file)
-        with open_shard(index, file) as f:
-            if verify:  # the recorded ranges covering the header and what this rank reads, first
-                result.bytes_verified += verify_spans(index, file, [(0, 1)] + [
-                    _span(f.info(stored), box) for stored in stored_names for _, _, box in reads.get(stored, [])])
-            for stored in stored_names:
-                dtype, shape, _ = f.info(stored)
-                for name, target, *_ in reads.get(stored, []) + checks.get(stored, []):
-                    if tuple(target.shape) != shape or target.dtype != dtype:
-                        raise CheckpointError(
-                            f"tensor {name!r}: the model has {target.dtype}{list(target.shape)} but file "
-                            f"{os.path.join(index.directory, file)} has {dtype}{list(shape)} (stored as {stored!r})"
-                        )
-                for name, target, box in reads.get(stored, []):
-                    local = target.to_local() if box is not None else target
-                    with torch.no_grad():
-                        result.bytes_read += f.read_into(stored, local.detach(), box, staging)
-                    if progress is not None:
-                        progress.add(local.numel() * local.element_size())
+    return _Reads(index, targets, reads, checks)
+
+
+def _optimizer_reads(model, optimizer, path: str, result: LoadResult) -> _Reads:
+    """The optimizer's part: its state tensors (initialised if it never stepped) as targets."""
+    index = fmt.read_optimizer_index(path)
+    if index is None:
+        raise CheckpointError(f"{path}: no {fmt.OPTIM_INDEX_NAME}: this checkpoint was saved without an "
+                              "optimizer (pass optimizer= to dist_save to make a resumable checkpoint)")
+    where = os.path.join(index.directory, fmt.OPTIM_INDEX_NAME)
+    saved = (index.ours or {}).get("optimizer")
+    if not (isinstance(saved, dict) and isinstance(saved.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved["param_groups"])
+            and isinstance(saved.get("state_values", {}), dict)):
+        raise CheckpointError(f"{where}: field metadata.{fmt.META_KEY}.optimizer is not "
+                              "{param_groups: [{params: [...], ...}], state_values: {...}}")
+    targets, now = optimizer_tensors(model, optimizer)
+    check_param_groups(saved, {n for g in now["param_groups"] for n in g["params"]}, where)
+    if len(saved["param_groups"]) != len(now["param_groups"]):
+        raise CheckpointError(f"{where}: the saved optimizer has {len(saved['param_groups'])} param_groups, "
+                              f"this one {len(now['param_groups'])}")
+    bookkeeping = LoadResult(path)  # the model's names, missing and unexpected stay the model's
+    try:
+        reads = _plan_reads(targets, index, True, bookkeeping)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: the saved optimizer state does not match this optimizer's: "
+                              f"{str(e).split(': ', 1)[-1]}") from None
+    reads.saved = saved
+    return reads
+
+
+def _train_state(path: str, needed: bool) -> dict | None:
+    """train_state.json of a training checkpoint (None if there is none)."""
+    full = os.path.join(path, fmt.TRAIN_STATE_NAME)
+    if not os.path.isfile(full):
+        return None
+    fmt.safe_member(path, fmt.TRAIN_STATE_NAME)
+    with open(full, "rb") as f:
+        doc = fmt.parse_json(full, f.read(), "the train state")
+    if not (isinstance(doc, dict) and "train_state" in doc and isinstance(doc.get("rng", []), list)
+            and isinstance(doc.get("world_size", 0), int)):
+        raise CheckpointError(f"{full}: not a train state ({{train_state, world_size, rng: [...]}})")
+    return doc
+
+
+def _restore_rng(train: dict | None, comm: Comm, wanted: bool) -> None:
+    if not wanted or train is None:
+        return
+    rngs = train.get("rng") or []
+    if train.get("world_size") != comm.world_size or len(rngs) != comm.world_size:
+        warnings.warn(f"the RNG states were saved by {train.get('world_size')} rank(s); this load has "
+                      f"{comm.world_size}: they are not restored (each rank keeps its own)", DistSaverWarning,
+                      stacklevel=3)
+        return
+    try:
+        restore_rng(rngs[comm.rank])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{fmt.TRAIN_STATE_NAME}: rank {comm.rank}'s RNG state cannot be restored: {e}") from None
 
 
 def _span(info: tuple, box) -> tuple[int, int]:

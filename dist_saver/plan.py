@@ -114,11 +114,23 @@ class Plan:
             for e in f.extents:
                 out.setdefault(e.rank, []).append((f, e))
         n = len(self.files)
+        position = {id(f): i for i, f in enumerate(self.files)}
         for rank, items in out.items():
-            start = rank * n // self.world_size + 1  # the first file number this rank would own
-            k = next((i for i, (f, _) in enumerate(items) if f.number >= start), 0)
+            start = rank * n // self.world_size  # the position of the first file this rank would own
+            k = next((i for i, (f, _) in enumerate(items) if position[id(f)] >= start), 0)
             out[rank] = items[k:] + items[:k]
         return out
+
+    def joined(self, other: "Plan") -> "Plan":
+        """Both plans' files written and committed as one save (a model and its optimizer state:
+        separate file sets and indexes, one publish)."""
+        return Plan(self.world_size, self.files + other.files, {**self.aliases, **other.aliases})
+
+    def part(self, prefix: str) -> "Plan":
+        """The files of one file set (see make_plan's prefix)."""
+        files = tuple(f for f in self.files if f.name.startswith(prefix + "-"))
+        names = {t.name for f in files for t in f.tensors}
+        return Plan(self.world_size, files, {a: t for a, t in self.aliases.items() if t in names})
 
     def weight_map(self) -> dict[str, str]:
         return {t.name: f.name for f in self.files for t in f.tensors}
@@ -254,6 +266,7 @@ def make_plan(
     max_shard_size: int | None = None,
     aliases: dict[str, str] | None = None,
     boxes: Mapping[str, Tiling] | None = None,
+    prefix: str = "model",
 ) -> Plan:
     """Owner and file of every tensor, the files' global numbering, each tensor's offsets, and the
     rank that writes every byte range.
@@ -261,6 +274,7 @@ def make_plan(
     boxes: for each sharded tensor (DTensor), per layout (one per replica group), the box of the
     global tensor that each rank holds (ranks holding nothing may be absent or have an empty box).
     Tensors not in it are held whole by their holders, and written by their owner.
+    prefix: the files' name prefix (model-00001-of-00004.safetensors, or optimizer-...).
     """
     if world_size < 1:
         raise ValueError("world_size must be >= 1")
@@ -289,7 +303,7 @@ def make_plan(
             number = len(out) + 1
             entries, offset = _layout_file(members)
             segments = [s for e in entries for s in _segments(e, rank, (boxes or {}).get(e.name), load)]
-            out.append(FilePlan(number, fmt.shard_file_name(number, total_files), rank, entries, offset,
+            out.append(FilePlan(number, fmt.shard_file_name(number, total_files, prefix), rank, entries, offset,
                                 _extents(segments)))
     return Plan(world_size, tuple(out), aliases)
 

@@ -23,6 +23,7 @@ from .progress import Progress
 from .share import create_files, write_share
 from .snapshot import snapshot
 from .state import collect
+from .training import PREFIX as OPTIM_PREFIX, encode_train_state, optimizer_tensors, rng_state, train_state_document
 from .async_save import AsyncSave, wait_for_pending_save
 from .writer import Streamer
 
@@ -73,6 +74,8 @@ def dist_save(
     processor=None,
     push_to_hub: str | None = None,
     progress: bool | None = None,
+    optimizer=None,
+    train_state=None,
 ):
     """Save on every rank of the group into one Hugging Face safetensors checkpoint at path.
 
@@ -120,6 +123,14 @@ def dist_save(
 
     progress: a tqdm bar on rank 0 of the bytes written by all ranks, in GB (None: when stderr is a
     terminal, once the save has run 2 s, never for async saves; True: always; False: never).
+
+    optimizer, train_state: a checkpoint the job can resume from. optimizer (over the model's
+    parameters; pass the model itself) has its state taken as PyTorch's get_optimizer_state_dict
+    gives it (DTensor states for sharded parameters) and saved by the same plan and in-place writes
+    as the weights, into optimizer-XXXXX-of-YYYYY.safetensors + optimizer.safetensors.index.json
+    (param_groups in its metadata). train_state (rank 0's, JSON-serialisable: step, scheduler
+    state, data position...) and every rank's torch RNG state go into train_state.json. All in the
+    same atomic publish; the model part stays a plain Hugging Face checkpoint.
     """
     wait_for_pending_save()
     t0 = time.perf_counter()
@@ -127,11 +138,13 @@ def dist_save(
     comm = Comm(save_group(process_group, timeout), timeout=timeout)
 
     # 1. Describe local tensors (no communication yet; an error is shared in the first gather).
-    local, error, extra = None, None, {}
+    local, error, extra, training = None, None, {}, None
     try:
         if comm.rank == 0:  # taken now: an async save must not see later changes
             extra = extra_files(model_or_state_dict, tokenizer, processor)
         local = collect(model_or_state_dict)
+        if optimizer is not None or train_state is not None:
+            training = _training_part(model_or_state_dict, optimizer, train_state, local, comm.rank)
         if local.overlaps:  # one warning per save, naming the first pairs
             pairs = ", ".join(f"{a!r} and {b!r}" for a, b in local.overlaps[:5])
             more = f" (and {len(local.overlaps) - 5} more pairs)" if len(local.overlaps) > 5 else ""
@@ -143,7 +156,8 @@ def dist_save(
     except Exception as e:
         error = e
     opts = _Options(fmt.parse_size(max_shard_size), fmt.parse_size(bucket_size), overwrite, checksums, direct_io,
-                    tuple(extra.items()), push_to_hub, False if async_save and progress is None else progress)
+                    tuple(extra.items()), push_to_hub, False if async_save and progress is None else progress,
+                    training)
     if not async_save:
         prep = _prepare(local, error, comm, opts)
         return _write_and_commit(prep, path, comm, opts, t0)
@@ -171,6 +185,33 @@ class _Options:
     extra_files: tuple = ()  # (name, bytes): config.json, tokenizer files..., staged by rank 0
     push_to_hub: str | None = None
     progress: bool | None = None
+    training: "_Training | None" = None  # a resumable checkpoint: optimizer and train state
+
+
+@dataclass(frozen=True)
+class _Training:
+    """Taken at the call (an async save must not see later changes)."""
+
+    optimizer: dict | None  # the optimizer's JSON part (param_groups, non-tensor state), or None
+    train_state: object  # rank 0's
+    rng: dict  # this rank's RNG states
+
+
+def _training_part(model, optimizer, train_state, local, rank: int) -> _Training:
+    """Adds the optimizer's tensors to this rank's local state (their own file set, see _prepare)."""
+    meta = None
+    if optimizer is not None:
+        tensors, meta = optimizer_tensors(model, optimizer)
+        clash = [n for n in [*local.tensors, *local.aliases] if n.startswith(OPTIM_PREFIX)]
+        if clash:
+            raise ValueError(f"model tensor {clash[0]!r} is named like the optimizer's state "
+                             f"({OPTIM_PREFIX}...); rename it to save a training checkpoint")
+        opt = collect(tensors)
+        local.metas += opt.metas
+        local.tensors.update(opt.tensors)
+        local.aliases.update(opt.aliases)
+    state = encode_train_state(train_state) if rank == 0 else None
+    return _Training(meta, state, rng_state())
 
 
 @dataclass
@@ -207,7 +248,13 @@ def _prepare(local, error, comm: Comm, opts: _Options) -> _Prepared:
                 layouts[m.name] = layouts.get(m.name, ()) + (m.layout,)
     shapes = {i.name: i.shape for i in infos}
     boxes = {name: group_boxes(name, shapes[name], ls, comm.group_rank) for name, ls in layouts.items()}
-    plan = make_plan(infos, comm.world_size, opts.max_shard_bytes, aliases, boxes)
+    if opts.training is None:
+        plan = make_plan(infos, comm.world_size, opts.max_shard_bytes, aliases, boxes)
+    else:  # the optimizer's tensors get files of their own, planned, written and published alike
+        model_infos = [i for i in infos if not i.name.startswith(OPTIM_PREFIX)]
+        optim_infos = [i for i in infos if i.name.startswith(OPTIM_PREFIX)]
+        plan = make_plan(model_infos, comm.world_size, opts.max_shard_bytes, aliases, boxes).joined(
+            make_plan(optim_infos, comm.world_size, opts.max_shard_bytes, {}, boxes, prefix="optimizer"))
     sched = make_schedule(plan, shapes, boxes, opts.bucket_bytes)
     return _Prepared(local, infos, plan, sched, boxes)
 
@@ -270,7 +317,8 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, save_id: str, c
         streamer.close()
     progress.flush()
     try:
-        reports = comm.all_gather_object((ranges, sent, seconds, describe_error(error)))
+        rng = opts.training.rng if opts.training is not None else None
+        reports = comm.all_gather_object((ranges, sent, seconds, describe_error(error), rng))
     finally:
         progress.close()
     raise_if_failed([r[3] for r in reports], f"writing {path}")
@@ -284,8 +332,12 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, save_id: str, c
             for name, data in opts.extra_files:  # one at a time, so an error names its file
                 with _naming(os.path.join(staging, name)):
                     fmt.write_extra_files(staging, [(name, data)])
+            files = written_files(plan, all_ranges)
+            beside = [name for name, _ in opts.extra_files]
+            if opts.training is not None:
+                beside += _write_training(staging, plan, files, opts.training, [r[4] for r in reports])
             with _naming(os.path.join(staging, fmt.INDEX_NAME)):  # ENOSPC from a write has no file name
-                write_index(staging, plan, written_files(plan, all_ranges), [name for name, _ in opts.extra_files])
+                write_index(staging, plan.part("model"), files, beside)
             target.publish()
         except Exception as e:
             error = e
@@ -320,6 +372,22 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, save_id: str, c
         if opts.push_to_hub:
             result.upload = Upload.start(target.path, opts.push_to_hub, target)
     return result
+
+
+def _write_training(staging: str, plan: Plan, files, training: _Training, rngs: list) -> list[str]:
+    """Rank 0: train_state.json and the optimizer's index into staging, before the model's index
+    (which lists them, so a later save with overwrite=True knows them as ours)."""
+    path = os.path.join(staging, fmt.TRAIN_STATE_NAME)
+    with _naming(path):
+        fmt.write_json_atomic(path, train_state_document(training.train_state, rngs, plan.world_size))
+    written = [fmt.TRAIN_STATE_NAME]
+    if training.optimizer is not None:
+        path = os.path.join(staging, fmt.OPTIM_INDEX_NAME)
+        with _naming(path):
+            write_index(staging, plan.part("optimizer"), files, name=fmt.OPTIM_INDEX_NAME,
+                        metadata={"optimizer": training.optimizer})
+        written.append(fmt.OPTIM_INDEX_NAME)
+    return written
 
 
 # How long survivors of a broken publish wait for each other to answer through the store, to name

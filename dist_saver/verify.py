@@ -24,7 +24,8 @@ _BLOCK = 16 << 20
 def verify(path: str | os.PathLike, files: Iterable[str] | None = None) -> dict[str, str]:
     """Check the checkpoint's files (default all) against their recorded checksums.
 
-    Returns {file: "<algorithm>: N ranges"}; raises CheckpointError naming the first file (and the
+    A training checkpoint's optimizer files are checked too. Returns {file: "<algorithm>: N
+    ranges"}; raises CheckpointError naming the first file (and the
     byte range, and the rank that wrote it) that differs, is missing, or has no recorded checksum
     (a checkpoint not written by dist_saver, or saved with checksums=False), or an index that
     fails its digest or maps to a file other tensors than the file holds.
@@ -32,12 +33,21 @@ def verify(path: str | os.PathLike, files: Iterable[str] | None = None) -> dict[
     index = fmt.read_index(os.fspath(path))
     if not (index.ours or {}).get("files"):
         raise CheckpointError(f"{index.directory}: no checksums recorded (not written by dist_saver)")
+    indexes = [index]
+    optimizer = fmt.read_optimizer_index(index.directory)  # a training checkpoint's optimizer part
+    if optimizer is not None:
+        indexes.append(optimizer)
     out = {}
-    for name in sorted(files if files is not None else set(index.weight_map.values())):
-        full, ranges = recorded_ranges(index, name)
-        _check(full, ranges)
-        _check_names(index, name, full)
-        out[name] = f"{ranges[0][3].split(':', 1)[0]}: {len(ranges)} range{'s' if len(ranges) > 1 else ''}"
+    for idx in indexes:
+        mine = set(idx.weight_map.values())
+        for name in sorted(mine if files is None else mine & set(files)):
+            full, ranges = recorded_ranges(idx, name)
+            _check(full, ranges)
+            _check_names(idx, name, full)
+            out[name] = f"{ranges[0][3].split(':', 1)[0]}: {len(ranges)} range{'s' if len(ranges) > 1 else ''}"
+    unknown = sorted(set(files or ()) - set(out))
+    if unknown:
+        raise CheckpointError(f"{index.directory}: no file {unknown[0]!r} in the checkpoint's indexes")
     return out
 
 
