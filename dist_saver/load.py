@@ -104,14 +104,18 @@ def dist_load(
     every rank. The result lists what a strict=False load left out: `missing` (target names not in
     the checkpoint, left untouched) and `unexpected` (checkpoint names the target lacks).
     verify=True first checks the recorded checksums of the byte ranges covering what this rank
-    reads (its shard, not the whole file, for checkpoints written by several ranks per file).
+    reads (its shard, not the whole file, for checkpoints written by several ranks per file),
+    all of them before anything is read.
     progress: a tqdm bar on rank 0 of the bytes read by all ranks (None: when stderr is a terminal
     and the load takes over 2 s; True; False).
 
     Resuming (a checkpoint saved with optimizer=/train_state=): optimizer (over the model's
     parameters; pass the model itself) gets its saved state, resharded to its own layout; names,
-    shapes and param_groups are checked on every rank before anything (weights included) is read,
-    so a mismatch leaves model and optimizer as they were. result.train_state is what was saved.
+    shapes, param_groups (and, with verify, checksums) are checked on every rank before anything
+    (weights included) is read, so a mismatch leaves model and optimizer as they were; the
+    optimizer takes its new state only once every rank has read everything (state tensors are
+    read in place: an I/O error mid-read leaves them undefined, as it does the weights).
+    result.train_state is what was saved.
     restore_rng (default: when optimizer is given) sets every rank's torch RNG state to the one
     it had at the save, if the world size is the same (a warning says why not otherwise).
     """
@@ -128,8 +132,11 @@ def dist_load(
         if optimizer is not None:
             parts.append(_optimizer_reads(model_or_state_dict, optimizer, path, result))
         train = _train_state(path, optimizer is not None if restore_rng is None else restore_rng)
-        for part in parts:  # every shape and dtype, before a byte is read
+        for part in parts:  # every shape and dtype, and every checksum asked for, before a byte is read
             part.check()
+        if verify:
+            for part in parts:
+                part.verify(result)
     except Exception as e:
         error = e
         parts = []
@@ -144,11 +151,7 @@ def dist_load(
         if error is None:
             bar.set_total(sum(p.nbytes() for p in parts))  # the bytes this rank will deliver
             for part in parts:
-                part.read(result, verify, bar)
-            if optimizer is not None:
-                set_optimizer(model_or_state_dict, optimizer, parts[1].targets, parts[1].saved)
-            result.train_state = train.get("train_state") if train else None
-            _restore_rng(train, comm, optimizer is not None if restore_rng is None else restore_rng)
+                part.read(result, bar)
     except Exception as e:
         error = e
     result.seconds = time.perf_counter() - t0
@@ -162,6 +165,11 @@ def dist_load(
     finally:
         bar.close()
     raise_if_failed([r[0] for r in reports], f"loading {path}", CheckpointError)
+    # Every rank read everything: only now does any rank change its optimizer and RNG.
+    if optimizer is not None:
+        set_optimizer(model_or_state_dict, optimizer, parts[1].targets, parts[1].saved)
+    result.train_state = train.get("train_state") if train else None
+    _restore_rng(train, comm, optimizer is not None if restore_rng is None else restore_rng)
     if comm.rank == 0:
         total = sum(r[1] for r in reports)
         slowest = max(range(len(reports)), key=lambda r: reports[r][3])
@@ -210,18 +218,22 @@ class _Reads:
                     f"{os.path.join(self.index.directory, file)} has {dtype}{list(shape)} (stored as {stored!r})"
                 )
 
-    def read(self, result: LoadResult, verify: bool, progress: Progress | None) -> None:
+    def verify(self, result: LoadResult) -> None:
+        """The recorded checksums of the ranges covering the headers and what this rank reads."""
         index = self.index
-        if verify and not (index.ours or {}).get("files"):
+        if not (index.ours or {}).get("files"):
             raise CheckpointError(f"{index.directory}: no checksums recorded (not written by dist_saver)")
+        for file, stored_names in self.by_file.items():
+            with open_shard(index, file) as f:
+                result.bytes_verified += verify_spans(index, file, [(0, 1)] + [
+                    _span(f.info(stored), box) for stored in stored_names for _, _, box in self.reads.get(stored, [])])
+
+    def read(self, result: LoadResult, progress: Progress | None) -> None:
+        index = self.index
         staging = StagingBuffer()
         for file, stored_names in self.by_file.items():
             result.files_opened.append(file)
             with open_shard(index, file) as f:
-                if verify:  # the recorded ranges covering the header and what this rank reads, first
-                    result.bytes_verified += verify_spans(index, file, [(0, 1)] + [
-                        _span(f.info(stored), box) for stored in stored_names
-                        for _, _, box in self.reads.get(stored, [])])
                 for stored in stored_names:
                     self._check(f, file, stored)  # again: the file may have changed since
                     for name, target, box in self.reads.get(stored, []):

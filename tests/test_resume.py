@@ -304,7 +304,8 @@ def _resume(layout, path, noise, weights_only_too=False):
     sched.load_state_dict(state["scheduler"])
     lr_after_load = opt.param_groups[0]["lr"]
     losses = train(model, opt, sched, layout, range(state["step"], STEPS))
-    out = {"losses": losses, "train_state": state, "rng": rng_after_load, "lr": lr_after_load}
+    out = {"losses": losses, "train_state": state, "rng": rng_after_load, "lr": lr_after_load,
+           "bytes_read": res.bytes_read}
     if weights_only_too:  # the same resume without the optimizer state: shows the tolerance is tight
         model = build(layout, world, seed=99, noise=noise)
         opt, sched = make_optimizer(model)
@@ -415,11 +416,22 @@ def test_fsdp2_to_tensor_parallel_resume(saved, resumed_at_2):
 def test_fsdp2_resume_at_another_world_size(saved, world):
     """Saved under FSDP2 at 2 ranks, resumed under FSDP2 at 1 or 4 ranks (uneven shards): the losses
     of steps 4-6 match within float tolerance, and (at 1) a resume from the weights alone (fresh
-    AdamW moments) does not: the optimizer state is what makes them match."""
+    AdamW moments) does not: the optimizer state is what makes them match. Each rank reads only
+    its own shards of weights and optimizer state: at 4 ranks about a quarter of the tensor bytes
+    each, all of them once in all."""
     first = _unwrap(saved["fsdp-plain"][0])
     scenarios = {"fsdp": ("fsdp", first["path"], False, world == 1)}
-    outs = run_ranks(_resumes, world, scenarios, timeout=150)
-    _assert_close_resume(first, [o["fsdp"] for o in outs])
+    outs = [o["fsdp"] for o in run_ranks(_resumes, world, scenarios, timeout=150)]
+    _assert_close_resume(first, outs)
+    total = 0
+    for index in ("model.safetensors.index.json", "optimizer.safetensors.index.json"):
+        with open(os.path.join(first["path"], index)) as f:
+            total += json.load(f)["metadata"]["total_size"]
+    read = [o["bytes_read"] for o in outs]
+    if world == 1:
+        assert read == [total]
+    else:
+        assert max(read) <= 0.3 * total and sum(read) <= 1.01 * total, (read, total)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -427,15 +439,16 @@ def test_fsdp2_resume_at_another_world_size(saved, world):
 
 
 def _errors(rank, world, root):
+    """Checkpoints that do not fit the model or optimizer; each load attempted into a model and
+    optimizer that have state of their own (one step, another LR), compared after the attempt."""
     out = {}
 
-    def attempt(name, model, path, opt_sched):
-        # optimizer state exists (one step) and differs from the checkpoint's; LR differs too
-        opt, sched = opt_sched
+    def attempt(name, model, path, params=None, strict=True, verify=False):
+        opt, sched = make_optimizer(model, lr=0.5, params=params)
         train(model, opt, sched, "fsdp", [50])
         weights, snap = full_weights(model), optimizer_snapshot(opt)
         try:
-            dist_load(model, path, optimizer=opt)
+            dist_load(model, path, optimizer=opt, strict=strict, verify=verify)
             out[name] = {"raised": None}
         except CheckpointError as e:
             out[name] = {"raised": "CheckpointError", "message": str(e)}
@@ -445,71 +458,110 @@ def _errors(rank, world, root):
             assert_bitwise_equal(full_weights(model), weights)
             out[name]["weights_unchanged"] = True
         except AssertionError as e:
-            out[name]["weights_unchanged"] = str(e)
+            out[name]["weights_unchanged"] = str(e) or "differ"
         try:
             assert_snapshot_equal(optimizer_snapshot(opt), snap)
             out[name]["optimizer_unchanged"] = True
         except AssertionError as e:
-            out[name]["optimizer_unchanged"] = str(e)
+            out[name]["optimizer_unchanged"] = str(e) or "differ"
 
-    # 1. a weights-only checkpoint
-    model = build("fsdp", world)
-    no_opt = os.path.join(root, "weights-only")
-    dist_save(model, no_opt)
-    model = build("fsdp", world, seed=5)
-    attempt("saved_without_optimizer", model, no_opt, make_optimizer(model, lr=0.5))
+    def no_norms(model):
+        return [p for n, p in model.named_parameters() if "norm" not in n]
 
-    # 2. a checkpoint whose optimizer covered every parameter but the norms (frozen)
+    # a weights-only checkpoint
     model = build("fsdp", world)
-    params = [p for n, p in model.named_parameters() if "norm" not in n]
-    opt, sched = make_optimizer(model, params=params)
+    weights_only = os.path.join(root, "weights-only")
+    dist_save(model, weights_only)
+    attempt("saved_without_optimizer", build("fsdp", world, seed=5), weights_only)
+
+    # a checkpoint whose optimizer covered every parameter but the norms (frozen)
+    model = build("fsdp", world)
+    opt, sched = make_optimizer(model, params=no_norms(model))
     train(model, opt, sched, "fsdp", range(2))
     subset = os.path.join(root, "no-norms")
     dist_save(model, subset, optimizer=opt, train_state={"step": 2})
-    model = build("fsdp", world, seed=5)
-    attempt("optimizer_over_more_parameters", model, subset, make_optimizer(model, lr=0.5))
+    attempt("optimizer_over_more_parameters", build("fsdp", world, seed=5), subset)
 
-    # 3. a model (and its optimizer) with a parameter the checkpoint lacks
+    # a checkpoint whose optimizer covered every parameter
     model = build("fsdp", world)
     opt, sched = make_optimizer(model)
     train(model, opt, sched, "fsdp", range(2))
     full = os.path.join(root, "full")
     dist_save(model, full, optimizer=opt, train_state={"step": 2})
-    model = build("fsdp", world, seed=5, extra=True)
-    attempt("model_with_extra_parameter", model, full, make_optimizer(model, lr=0.5))
+    model = build("fsdp", world, seed=5)
+    attempt("optimizer_over_fewer_parameters", model, full, params=no_norms(model))
+    attempt("model_with_extra_parameter", build("fsdp", world, seed=5, extra=True), full)
+    attempt("model_with_extra_parameter_not_strict", build("fsdp", world, seed=5, extra=True), full, strict=False)
+
+    # the same checkpoint with one byte of an optimizer file flipped, loaded with verify=True
+    damaged = os.path.join(root, "damaged")
+    if rank == 0:
+        shutil.copytree(full, damaged)
+        victim = os.path.join(damaged, _optimizer_files(damaged)[-1])
+        with open(victim, "r+b") as f:  # the last byte: tensor data, of the last rank's shard
+            f.seek(-1, os.SEEK_END)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([byte[0] ^ 0x01]))
+    dist.barrier()
+    attempt("flipped_byte_in_optimizer_file_with_verify", build("fsdp", world, seed=5), damaged, verify=True)
     return out
 
 
 @pytest.fixture(scope="module")
 def error_outcomes(tmp_path_factory):
-    return run_ranks(_errors, 2, str(tmp_path_factory.mktemp("resume_errors")), timeout=120)
+    return run_ranks(_errors, 2, str(tmp_path_factory.mktemp("resume_errors")), timeout=150)
 
 
-def _assert_refused(outcomes, case, must_name):
-    for r, o in enumerate(outcomes):
+REFUSED = {
+    # dist_load(optimizer=) of a weights-only checkpoint: says the optimizer state is missing
+    "saved_without_optimizer": r"optimi[sz]er",
+    # saved with an optimizer over all but the norm weights, loaded into one over every parameter
+    "optimizer_over_more_parameters": r"model\.norm\.weight",
+    # saved with an optimizer over every parameter, loaded into one that leaves the norms out
+    "optimizer_over_fewer_parameters": r"model\.norm\.weight",
+    # a model (and its optimizer) with a parameter the checkpoint lacks: named by the model check
+    "model_with_extra_parameter": r"model\.layers\.0\.mlp\.extra_proj\.weight",
+    # the same with strict=False (the model may load the overlap): the optimizer check names it
+    "model_with_extra_parameter_not_strict": r"model\.layers\.0\.mlp\.extra_proj\.weight",
+    # dist_load(verify=True) checks the optimizer ranges it reads: names the damaged file
+    "flipped_byte_in_optimizer_file_with_verify": r"optimizer-\d{5}-of-\d{5}\.safetensors",
+}
+
+
+DAMAGED = "flipped_byte_in_optimizer_file_with_verify"
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_a_load_that_does_not_fit_is_refused_and_changes_nothing(error_outcomes, case):
+    """FSDP2 at 2 ranks: CheckpointError on every rank naming what is missing (the parameter, or
+    the optimizer part; for the damaged file, the file), and (but for the damaged file: see the
+    next test) the model's weights and the optimizer's state and param_groups are bit for bit what
+    they were: nothing is half-loaded."""
+    for r, o in enumerate(error_outcomes):
         got = o[case]
         assert got["raised"] == "CheckpointError", f"rank {r}: expected CheckpointError, got {got}"
-        assert re.search(must_name, got["message"], re.I), f"rank {r}: message does not name {must_name!r}: {got['message']}"
-        assert got["weights_unchanged"] is True, f"rank {r}: weights changed by the failed load: {got['weights_unchanged']}"
-        assert got["optimizer_unchanged"] is True, f"rank {r}: optimizer changed by the failed load: {got['optimizer_unchanged']}"
+        assert re.search(REFUSED[case], got["message"], re.IGNORECASE), \
+            f"rank {r}: message does not name {REFUSED[case]!r}: {got['message']}"
+        if case != DAMAGED:
+            _assert_unchanged(r, got)
 
 
-def test_optimizer_from_a_checkpoint_saved_without_one_is_refused(error_outcomes):
-    """dist_load(optimizer=opt) of a weights-only checkpoint: CheckpointError on every rank saying the
-    optimizer state is missing; neither the weights nor the optimizer are touched."""
-    _assert_refused(error_outcomes, "saved_without_optimizer", r"optimi[sz]er")
+def _assert_unchanged(r, got):
+    assert got["weights_unchanged"] is True, f"rank {r}: the failed load changed weights: {got['weights_unchanged']}"
+    assert got["optimizer_unchanged"] is True, \
+        f"rank {r}: the failed load changed the optimizer: {got['optimizer_unchanged']}"
 
 
-def test_optimizer_over_parameters_the_saved_one_lacked_is_refused(error_outcomes):
-    """Saved with an optimizer over all but the norm weights; loaded into one over every parameter:
-    CheckpointError on every rank naming a norm weight; nothing half-loaded."""
-    _assert_refused(error_outcomes, "optimizer_over_more_parameters", r"norm\.weight")
-
-
-def test_model_and_optimizer_with_an_extra_parameter_are_refused(error_outcomes):
-    """A model (and optimizer) with a parameter the checkpoint lacks: CheckpointError on every rank
-    naming it; nothing half-loaded."""
-    _assert_refused(error_outcomes, "model_with_extra_parameter", r"model\.layers\.0\.mlp\.extra_proj\.weight")
+def test_a_damaged_optimizer_file_found_by_verify_leaves_every_rank_as_it_was(error_outcomes):
+    """dist_load(optimizer=, verify=True) of a checkpoint with one flipped byte in the last rank's
+    range of an optimizer file: no rank may come out of the failed load resumed (weights, optimizer
+    state or param_groups set) while another failed: every rank is left as it was."""
+    changed = [f"rank {r}: weights {o[DAMAGED]['weights_unchanged']!r}, optimizer {o[DAMAGED]['optimizer_unchanged']!r}"
+               for r, o in enumerate(error_outcomes)
+               if o[DAMAGED]["weights_unchanged"] is not True or o[DAMAGED]["optimizer_unchanged"] is not True]
+    assert not changed, ("the failed load changed (True = unchanged; otherwise the first difference): "
+                         + "; ".join(changed) + f"; error: {error_outcomes[0][DAMAGED]['message']}")
 
 
 # ---------------------------------------------------------------------------------------------------
