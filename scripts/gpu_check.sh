@@ -4,7 +4,8 @@
 # stand-in for a node's fast storage), FSDP2 and TP each against a replicated save of the same model
 # and DCP, sync and async. Every step has its own timeout; the whole script stays under 5 minutes.
 # Usage: scripts/gpu_check.sh [OUT_DIR]
-#   NPROC (8), SIZE_GB (4), BENCH_DIR (/dev/shm); FULL=1 adds the one-process GPU save benchmark.
+#   NPROC (8), SIZE_GB (4), BENCH_DIR (/dev/shm); FULL=1 adds the training-checkpoint benchmark and
+#   the one-process GPU save benchmark (several more minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-/tmp/gpu_check}"
@@ -26,6 +27,9 @@ for layout in fsdp tp; do
     | quiet | tail -13 || status=1
 done
 if [ "${FULL:-0}" = 1 ]; then
+  echo "== training checkpoint (model + AdamW) vs DCP: $NPROC processes sharing the GPU, $BENCH_DIR"
+  timeout 120 $PY -m torch.distributed.run --standalone --nproc-per-node "$NPROC" benchmarks/bench_train_ckpt.py \
+    --size-gb 2 --repeat 2 --dir "$BENCH_DIR" --json "$out/train_ckpt.jsonl" 2>&1 | quiet | tail -8 || status=1
   echo "== GPU save benchmark, one process (local disk)"
   timeout 200 $PY benchmarks/bench_gpu_save.py --size-gb "${SIZE_GB}" --dir /tmp/dist_saver_gpu_bench \
     --json "$out/gpu_bench.jsonl" 2>&1 | tail -13 || status=1

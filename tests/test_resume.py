@@ -690,3 +690,28 @@ def test_failed_save_leaves_the_previous_training_checkpoint_whole(tmp_path):
     assert [o["step"] for o in outs] == [2, 2]
     verify(path)
     assert leftovers(path) == []
+
+
+def test_a_model_repo_and_other_readers_see_only_the_model(tmp_path):
+    """Single process: push_to_hub's file list leaves the training state out unless asked, and
+    DCP's Hugging Face reader (which lists every .safetensors file) still loads the model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    from dist_saver.hub import checkpoint_files
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    path = tmp_path / "ck"
+    dist_save(model, path, optimizer=opt, train_state={"step": 1})
+    model_only = checkpoint_files(str(path))
+    assert model_only == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+    everything = checkpoint_files(str(path), training=True)
+    assert set(everything) - set(model_only) == {"optimizer-00001-of-00001.safetensors",
+                                                 "optimizer.safetensors.index.json", "train_state.json"}
+    target = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    dcp.load(target, storage_reader=HuggingFaceStorageReader(str(path)))
+    assert_bitwise_equal(target, model.state_dict())
