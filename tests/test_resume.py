@@ -715,3 +715,30 @@ def test_a_model_repo_and_other_readers_see_only_the_model(tmp_path):
     target = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     dcp.load(target, storage_reader=HuggingFaceStorageReader(str(path)))
     assert_bitwise_equal(target, model.state_dict())
+
+
+def test_an_async_training_save_holds_the_state_of_the_call(tmp_path):
+    """Training goes on while an async save writes: the checkpoint holds the optimizer state and
+    weights as they were at the call, not after the next step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters())
+
+    def step():
+        model(torch.randn(2, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    at_call = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v["exp_avg"].clone() for k, v in enumerate(opt.state.values())}
+    handle = dist_save(model, tmp_path / "ck", optimizer=opt, train_state={"step": 1}, async_save=True)
+    step()  # changes weights and moments in place while the save may still be writing
+    handle.wait()
+    fresh = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    res = dist_load(fresh, tmp_path / "ck", optimizer=fresh_opt)
+    assert res.train_state == {"step": 1}
+    assert_bitwise_equal(fresh.state_dict(), at_call)
+    for k, v in enumerate(fresh_opt.state.values()):
+        assert torch.equal(v["exp_avg"], moments[k])
