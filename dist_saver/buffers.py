@@ -34,18 +34,89 @@ def aligned_empty(nbytes: int, pinned: bool = False) -> torch.Tensor:
 
 
 class StagingBuffer:
-    """One buffer, allocated on first use and reused, for blocks that need a bounce copy."""
+    """Two bounce buffers, allocated on first use and reused, for blocks of a load that cannot be
+    read straight into their target.
 
-    def __init__(self, nbytes: int = 64 << 20):
+    For CUDA targets they are pinned and each block's host-to-device copy runs on a side stream,
+    so the read of the next block (into the other buffer) overlaps it; a buffer is refilled only
+    after its last copy finished. finish() waits for every copy (targets ready when a load returns).
+    """
+
+    def __init__(self, nbytes: int = 32 << 20):
         self.nbytes = nbytes
-        self._buf: torch.Tensor | None = None
+        self._bufs: list[torch.Tensor] = []
         self._pinned = False
+        self._turn = 0
+        self._done: list = [None, None]  # CUDA event of each buffer's last copy
+        self._streams: dict = {}  # device -> side stream
+        self._ordered: set = set()  # devices whose side stream waited for the caller's stream in this load
 
     def get(self, pinned: bool) -> torch.Tensor:
-        if self._buf is None or (pinned and not self._pinned and torch.cuda.is_available()):
-            self._buf = aligned_empty(self.nbytes, pinned)
-            self._pinned = pinned and torch.cuda.is_available()
-        return self._buf
+        """The next buffer (of nbytes), free to overwrite."""
+        pinned = pinned and torch.cuda.is_available()
+        if not self._bufs or (pinned and not self._pinned):
+            self.finish()
+            self._bufs = [aligned_empty(self.nbytes, pinned) for _ in range(2)]
+            self._pinned = pinned
+        self._turn ^= 1
+        done, self._done[self._turn] = self._done[self._turn], None
+        if done is not None:
+            done.synchronize()
+        return self._bufs[self._turn]
+
+    def upload(self, dst: torch.Tensor, block: torch.Tensor, index=None) -> None:
+        """dst.copy_(block[index]), block being a contiguous view of the buffer get() gave last.
+
+        CUDA dst: block goes to the device whole (one DMA, asynchronous) and is indexed there, on
+        the side stream; anything else is copied at once."""
+        if dst.device.type != "cuda" or not self._pinned:
+            dst.copy_(block if index is None else block[index])
+            return
+        stream = self._streams.get(dst.device)
+        if stream is None:
+            stream = self._streams[dst.device] = torch.cuda.Stream(device=dst.device)
+        if dst.device not in self._ordered:  # the caller's earlier work on the targets comes first
+            stream.wait_stream(torch.cuda.current_stream(dst.device))
+            self._ordered.add(dst.device)
+        with torch.cuda.stream(stream):
+            if index is None:
+                dst.copy_(block, non_blocking=True)
+            else:
+                dst.copy_(block.to(dst.device, non_blocking=True)[index])
+            done = torch.cuda.Event()
+            done.record(stream)
+        self._done[self._turn] = done
+
+    def finish(self) -> None:
+        """Every copy issued so far has finished."""
+        for stream in self._streams.values():
+            stream.synchronize()
+        self._done = [None, None]
+        self._ordered.clear()
+
+
+_local = threading.local()
+
+
+def staging_buffer() -> StagingBuffer:
+    """This thread's staging buffers, kept for the life of the process (loads start warm)."""
+    buf = getattr(_local, "staging", None)
+    if buf is None:
+        buf = _local.staging = StagingBuffer()
+    return buf
+
+
+def scratch(name: str, nbytes: int, pinned: bool = False) -> torch.Tensor:
+    """A reused uint8 buffer of at least nbytes for this thread (grown, never shrunk); the first
+    nbytes of it are returned."""
+    cache = getattr(_local, "scratch", None)
+    if cache is None:
+        cache = _local.scratch = {}
+    pinned = pinned and torch.cuda.is_available()
+    buf = cache.get((name, pinned))
+    if buf is None or buf.numel() < nbytes:
+        buf = cache[(name, pinned)] = aligned_empty(max(nbytes, 1), pinned)
+    return buf[:nbytes]
 
 
 class BufferPool:
@@ -84,6 +155,8 @@ def shared_pool(count: int, nbytes: int, pinned: bool) -> BufferPool:
 
 
 def release_buffers() -> None:
-    """Drop the cached pools (their memory returns once nothing else holds it)."""
+    """Drop the cached pools and this thread's load buffers (their memory returns once nothing
+    else holds it)."""
     with _pools_lock:
         _pools.clear()
+    _local.__dict__.clear()

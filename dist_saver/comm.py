@@ -165,7 +165,8 @@ class Comm:
             dist.broadcast_object_list(box, src=self.global_rank(src), group=self.group)
         return box[0]
 
-    def gather_deduplicated(self, obj: Any, error: BaseException | None, what: str) -> list[tuple[list[int], Any]]:
+    def gather_deduplicated(self, obj: Any, error: BaseException | None, what: str,
+                            cls: type = SaveError) -> list[tuple[list[int], Any]]:
         """Gather obj from every rank, sending each distinct value once.
 
         Returns [(ranks, value)] in rank order. Under DDP/FSDP every rank describes the same
@@ -175,7 +176,7 @@ class Comm:
         payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if error is None else b""
         digest = hashlib.sha256(payload).hexdigest()
         digests = self.all_gather_object((digest, describe_error(error)))
-        raise_if_failed([d[1] for d in digests], what)
+        raise_if_failed([d[1] for d in digests], what, cls)
         groups: dict[str, list[int]] = {}
         for r, (d, _) in enumerate(digests):
             groups.setdefault(d, []).append(r)

@@ -19,7 +19,8 @@ from .layout import layout_of
 from .progress import Progress
 from .reader import open_weights
 from .state import alias_key, as_state_dict
-from .buffers import StagingBuffer
+from .buffers import staging_buffer
+from .load_exchange import ColumnLoader, ColumnRead, make_schedule as make_load_schedule
 from .training import check_param_groups, optimizer_tensors, restore_rng, set_optimizer
 from .verify import verify_spans
 
@@ -98,7 +99,11 @@ def dist_load(
     """Fill the model's (or state dict's) tensors in place from the checkpoint at path.
 
     Each rank opens only the files holding its own tensors and, for DTensor targets (FSDP2, TP,
-    2-D), reads only its shard's byte ranges. With strict, names the checkpoint lacks or has in
+    2-D), reads only its shard's byte ranges. Shards split by columns (rowwise TP, 2-D), which
+    are not one run of the file, are read once per group: the ranks needing a tensor each read
+    a disjoint band of its rows and hand each other the column pieces (bounded buckets, one
+    all_to_all per round). CUDA targets are filled through two reused pinned buffers, the copy
+    of one block to the device overlapping the read of the next. With strict, names the checkpoint lacks or has in
     excess raise CheckpointError; shape or dtype mismatches always do, checked for every tensor
     before any is read. If a process group is initialised, an error on any rank is raised on
     every rank. The result lists what a strict=False load left out: `missing` (target names not in
@@ -128,32 +133,43 @@ def dist_load(
     try:
         targets = as_state_dict(model_or_state_dict)
         index = fmt.read_index(path)
-        parts = [_plan_reads(targets, index, strict, result)]
+        parts = [_plan_reads(targets, index, strict, result, comm)]
         if optimizer is not None:
-            parts.append(_optimizer_reads(model_or_state_dict, optimizer, path, result))
+            parts.append(_optimizer_reads(model_or_state_dict, optimizer, path, result, comm))
         train = _train_state(path, optimizer is not None if restore_rng is None else restore_rng)
         for part in parts:  # every shape and dtype, and every checksum asked for, before a byte is read
             part.check()
         if verify:
             for part in parts:
                 part.verify(result)
+        columns = [c for i, part in enumerate(parts) for c in part.column_reads(i)]
     except Exception as e:
         error = e
-        parts = []
-    if optimizer is not None:  # nothing is read on any rank unless every rank can load it all
+        parts, columns = [], []
+    # Nothing is read on any rank unless every rank can load it all; the same collective shares
+    # what each rank needs as column pieces (read once per group, see load_exchange).
+    schedule = None
+    if comm.world_size > 1:
         bar.flush()
         try:
-            _agree(comm, error, f"loading {path}")
+            groups = comm.gather_deduplicated(columns, error, f"loading {path}", CheckpointError)
         except BaseException:
             bar.close()
             raise
+        schedule = _column_schedule(groups, comm)
+    elif error is not None:
+        raise error
     try:
-        if error is None:
-            bar.set_total(sum(p.nbytes() for p in parts))  # the bytes this rank will deliver
-            for part in parts:
-                part.read(result, bar)
+        bar.set_total(sum(p.nbytes() for p in parts))  # the bytes this rank will deliver
+        for part in parts:
+            part.read(result, bar)
     except Exception as e:
         error = e
+    if schedule is not None and schedule.rounds:  # collective: even after a local error above
+        try:
+            _run_columns(schedule, comm, parts, result, bar)
+        except Exception as e:
+            error = error or e
     result.seconds = time.perf_counter() - t0
     bar.flush()
     try:
@@ -180,28 +196,73 @@ def dist_load(
     return result
 
 
-def _agree(comm: Comm, error, what: str) -> None:
-    if comm.world_size == 1:
-        if error is not None:
-            raise error
-        return
-    comm.agree(error, what, CheckpointError)
+def _column_schedule(groups, comm: Comm):
+    """The same load schedule on every rank, from every rank's column reads."""
+    reads: dict[tuple, list] = {}
+    for _, descs in groups:
+        for d in descs:
+            if d not in reads.setdefault(d.key, []):
+                reads[d.key].append(d)
+    return make_load_schedule({k: tuple(v) for k, v in reads.items()}, comm.group_rank)
+
+
+def _run_columns(schedule, comm: Comm, parts, result: LoadResult, bar) -> None:
+    targets, files, opened = {}, {}, {}
+    for i, part in enumerate(parts):
+        for stored, target in part.columns.items():
+            targets[(i, stored)] = target.to_local().detach()
+    for c in schedule.chunks:  # the files of the chunks this rank reads
+        if c.reader == comm.rank:
+            i, stored = c.key
+            files[c.key] = (parts[i].index, parts[i].index.weight_map[stored])
+
+    def open_tensor(key):
+        index, file = files[key]
+        if file not in opened:
+            opened[file] = open_shard(index, file)
+            result.files_opened.append(file)
+        return opened[file]
+
+    loader = ColumnLoader(schedule, comm, targets, open_tensor, bar)
+    try:
+        with torch.no_grad():
+            loader.run()
+    finally:
+        result.bytes_read += loader.bytes_read
+        for f in opened.values():
+            f.close()
 
 
 class _Reads:
     """What one rank reads from one index (the model's, or the optimizer's): planned, checked
     against the files' headers, then read."""
 
-    def __init__(self, index: fmt.CheckpointIndex, targets, reads, checks):
+    def __init__(self, index: fmt.CheckpointIndex, targets, reads, checks, comm: Comm | None = None):
         self.index, self.targets = index, targets
         self.reads = reads  # stored name -> [(target name, tensor, box or None)]
         self.checks = checks  # stored name -> [(tied target name, tensor)]: shape and dtype only
         self.by_file = _by_file(index, set(reads) | set(checks))
         self.saved: dict = {}
+        # stored name -> a DTensor target whose box is split by columns (not one run of the file):
+        # read once per group through the load exchange instead of directly (multi-rank loads)
+        self.columns: dict[str, torch.Tensor] = {}
+        for stored, entries in reads.items():
+            name, target, box = entries[0]
+            if (comm is not None and comm.world_size > 1 and box is not None and not _is_run(box, tuple(target.shape))
+                    and all(comm.group_rank(r) >= 0 for r in layout_of(name, target).mesh_ranks)):
+                self.columns[stored] = target
+
+    def column_reads(self, part: int) -> list[ColumnRead]:
+        return [ColumnRead((part, stored), self.index.weight_map[stored], tuple(t.shape), fmt.dtype_code(t.dtype),
+                           layout_of(stored, t)) for stored, t in sorted(self.columns.items())]
 
     def nbytes(self) -> int:
         return sum(math.prod(t.shape if box is None else box[1]) * t.dtype.itemsize
                    for entries in self.reads.values() for _, t, box in entries)
+
+    def _direct(self, stored: str) -> list:
+        entries = self.reads.get(stored, [])
+        return entries[1:] if stored in self.columns else entries
 
     def check(self) -> None:
         for file, stored_names in self.by_file.items():
@@ -230,21 +291,27 @@ class _Reads:
 
     def read(self, result: LoadResult, progress: Progress | None) -> None:
         index = self.index
-        staging = StagingBuffer()
-        for file, stored_names in self.by_file.items():
-            result.files_opened.append(file)
-            with open_shard(index, file) as f:
-                for stored in stored_names:
-                    self._check(f, file, stored)  # again: the file may have changed since
-                    for name, target, box in self.reads.get(stored, []):
-                        local = target.to_local() if box is not None else target
-                        with torch.no_grad():
-                            result.bytes_read += f.read_into(stored, local.detach(), box, staging)
-                        if progress is not None:
-                            progress.add(local.numel() * local.element_size())
+        staging = staging_buffer()  # CUDA targets: pinned double buffer, copies on a side stream
+        try:
+            for file, stored_names in self.by_file.items():
+                if not any(self._direct(stored) for stored in stored_names):
+                    continue  # only column pieces here: the load exchange reads them
+                result.files_opened.append(file)
+                with open_shard(index, file) as f:
+                    for stored in stored_names:
+                        self._check(f, file, stored)  # again: the file may have changed since
+                        for name, target, box in self._direct(stored):
+                            local = target.to_local() if box is not None else target
+                            with torch.no_grad():
+                                result.bytes_read += f.read_into(stored, local.detach(), box, staging)
+                            if progress is not None:
+                                progress.add(local.numel() * local.element_size())
+        finally:
+            staging.finish()  # every copy to the device done before the targets are used
 
 
-def _plan_reads(targets, index: fmt.CheckpointIndex, strict: bool, result: LoadResult) -> _Reads:
+def _plan_reads(targets, index: fmt.CheckpointIndex, strict: bool, result: LoadResult,
+                comm: Comm | None = None) -> _Reads:
     # Tied target tensors share memory: fill each memory once, from whichever name is stored.
     groups: dict = {}
     for name, t in targets.items():
@@ -281,10 +348,10 @@ def _plan_reads(targets, index: fmt.CheckpointIndex, strict: bool, result: LoadR
             f"{'...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
             f"{'...' if len(unexpected) > 10 else ''} (pass strict=False to load the overlap)"
         )
-    return _Reads(index, targets, reads, checks)
+    return _Reads(index, targets, reads, checks, comm)
 
 
-def _optimizer_reads(model, optimizer, path: str, result: LoadResult) -> _Reads:
+def _optimizer_reads(model, optimizer, path: str, result: LoadResult, comm: Comm) -> _Reads:
     """The optimizer's part: its state tensors (initialised if it never stepped) as targets."""
     index = fmt.read_optimizer_index(path)
     if index is None:
@@ -304,7 +371,7 @@ def _optimizer_reads(model, optimizer, path: str, result: LoadResult) -> _Reads:
                               f"this one {len(now['param_groups'])}")
     bookkeeping = LoadResult(path)  # the model's names, missing and unexpected stay the model's
     try:
-        reads = _plan_reads(targets, index, True, bookkeeping)
+        reads = _plan_reads(targets, index, True, bookkeeping, comm)
     except CheckpointError as e:
         raise CheckpointError(f"{where}: the saved optimizer state does not match this optimizer's: "
                               f"{str(e).split(': ', 1)[-1]}") from None
@@ -339,6 +406,13 @@ def _restore_rng(train: dict | None, comm: Comm, wanted: bool) -> None:
         restore_rng(rngs[comm.rank])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{fmt.TRAIN_STATE_NAME}: rank {comm.rank}'s RNG state cannot be restored: {e}") from None
+
+
+def _is_run(box, shape: tuple[int, ...]) -> bool:
+    """Whether a box is one contiguous run of the tensor's row-major bytes."""
+    off, shp = box
+    k = next((d for d, s in enumerate(shp) if s != 1), len(shp))  # leading dims of one row
+    return all(o == 0 and s == n for o, s, n in zip(off[k + 1:], shp[k + 1:], shape[k + 1:]))
 
 
 def _span(info: tuple, box) -> tuple[int, int]:

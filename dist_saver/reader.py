@@ -103,7 +103,9 @@ class ShardFile:
         """Fill `out` with the box (offset, shape) of tensor `name` (default: all of it).
 
         out may live anywhere (CPU, CUDA, non-contiguous): blocks of rows that cannot be read
-        into it directly go through the staging buffer. Returns the bytes read.
+        into it directly go through the staging buffers (for CUDA: pinned, each block's copy to
+        the device overlapping the read of the next; the caller calls staging.finish() before
+        using out). Returns the bytes read.
         """
         dtype, shape, start = self.info(name)
         offset, bshape = box if box is not None else ((0,) * len(shape), shape)
@@ -113,8 +115,19 @@ class ShardFile:
             )
         if out.numel() == 0:
             return 0
-        return self._read_box(out, start, tuple(offset), tuple(bshape), shape, dtype,
-                              staging or StagingBuffer())
+        if staging is None:
+            staging = StagingBuffer()
+            try:
+                return self._read_box(out, start, tuple(offset), tuple(bshape), shape, dtype, staging)
+            finally:
+                staging.finish()
+        return self._read_box(out, start, tuple(offset), tuple(bshape), shape, dtype, staging)
+
+    def _pread(self, view: memoryview, offset: int) -> None:
+        """Fill view with the file's bytes at offset: every read of this file goes through here."""
+        got = os.preadv(self.fd, [view], offset)
+        if got != len(view):
+            raise CheckpointError(f"{self.path}: file is truncated (short read at byte {offset})")
 
     def _read_box(self, dst, start, off, bshape, shape, dtype, staging) -> int:
         nbytes = dtype.itemsize
@@ -148,13 +161,10 @@ class ShardFile:
         n = 0
         for lo in range(0, bshape[0], per):
             k = min(per, bshape[0] - lo)
-            buf = staging.get(pinned=False)[: k * row]
-            view = as_bytes(buf)
-            got = os.preadv(self.fd, [view], start + (off[0] + lo) * row)
-            if got != k * row:
-                raise CheckpointError(f"{self.path}: file is truncated (short read)")
+            buf = staging.get(pinned=dst.device.type == "cuda")[: k * row]
+            self._pread(as_bytes(buf), start + (off[0] + lo) * row)
             full = buf.view(dtype).view((k,) + tuple(shape[1:]))
-            dst.narrow(0, lo, k).copy_(full[(slice(None),) + inner])
+            staging.upload(dst.narrow(0, lo, k), full, (slice(None),) + inner)
             n += k * row
         self.bytes_read += n
         return n
@@ -170,12 +180,10 @@ class ShardFile:
         view = as_bytes(target)
         pos = 0
         for file_offset, length in _runs(shape, off, bshape, dtype.itemsize):
-            got = os.preadv(self.fd, [view[pos : pos + length]], start + file_offset)
-            if got != length:
-                raise CheckpointError(f"{self.path}: file is truncated (short read at byte {start + file_offset})")
+            self._pread(view[pos : pos + length], start + file_offset)
             pos += length
         if not direct:
-            dst.copy_(target)
+            staging.upload(dst, target)
         self.bytes_read += pos
         return pos
 

@@ -84,7 +84,7 @@ def test_merge_1024_identical_ranks_is_fast():
     t0 = time.process_time()
     infos, aliases = merge_metadata([(range(1024), metas)], 1024)
     plan = make_plan(infos, 1024)
-    assert time.process_time() - t0 < 0.5
+    assert time.process_time() - t0 < 1.0  # ~0.5 s on the dev VM: catches a quadratic step, not noise
     assert all(i.holders is None for i in infos) and len(plan.owners()) == 50_000
 
 

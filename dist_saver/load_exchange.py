@@ -1,0 +1,225 @@
+"""Moving shard bytes for loads: column-split targets read once per group.
+
+A target box that is not one run of the file (rowwise TP Shard(1), 2-D) would make each rank read
+whole rows: an N-way column split reads those tensors N times over. Instead the ranks that need a
+tensor split its row bands among themselves, each reads its rows once (one sequential read per
+chunk) and hands the others their column pieces, a bounded bucket per reader per round, one
+all_to_all per round: the save's exchange in reverse. Every rank derives the same schedule from the
+gathered descriptions (tensor, file, shape, dtype, layout), so no sizes travel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, NamedTuple
+
+import torch
+
+from . import format as fmt
+from .errors import SaveError
+from .buffers import scratch
+from .layout import Box, Layout, group_boxes, merged
+
+DEFAULT_BUCKET_BYTES = 16 << 20
+_ALIGN = 16  # pieces start at this alignment in the send/receive buffers, for any dtype's view
+
+
+@dataclass(frozen=True)
+class ColumnRead:
+    """A tensor some rank needs as a column-split box: the same description on every such rank."""
+
+    key: tuple  # (part, stored name): unique within one load
+    file: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code
+    layout: Layout  # the target's (each replica group may have its own)
+
+
+class Piece(NamedTuple):
+    dst: int  # group rank that needs it
+    offset: tuple[int, ...]  # in the global tensor
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+class Chunk(NamedTuple):
+    key: tuple
+    reader: int
+    rows: tuple[int, int]
+    nbytes: int
+    pieces: tuple[Piece, ...]
+    round: int
+
+
+@dataclass
+class Schedule:
+    chunks: list[Chunk] = field(default_factory=list)
+    rounds: int = 0
+    boxes: dict = field(default_factory=dict)  # key -> group rank -> its box
+
+
+def make_schedule(reads: Mapping[tuple, tuple[ColumnRead, ...]], group_rank: Callable[[int], int],
+                  bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Schedule:
+    """Pure: who reads which rows of every column-split tensor, and the pieces each sends.
+
+    reads: key -> the descriptions of that tensor (one per distinct layout). Each row band (cut at
+    the boxes' row boundaries) is split into one sub-band per rank needing it, read by that rank
+    (least loaded first); chunks of at most bucket_bytes per reader per round. A chunk carries one
+    piece per rank needing its rows: an N-way column split makes N x N pieces per band.
+    """
+    sched = Schedule()
+    load: dict[int, int] = defaultdict(int)  # bytes each rank reads
+    used: dict[int, int] = defaultdict(int)
+    bucket: dict[int, int] = defaultdict(int)
+    for key in sorted(reads):
+        descs = reads[key]
+        d = descs[0]
+        layouts = tuple(sorted({x.layout for x in descs}, key=repr))
+        boxes = merged(group_boxes(repr(key[1]), d.shape, layouts, group_rank))
+        sched.boxes[key] = boxes
+        needs = {r: b for r, b in boxes.items() if all(s > 0 for s in b[1])}
+        if not needs or not d.shape:
+            continue
+        item = fmt.itemsize(d.dtype)
+        row = item * math.prod(d.shape[1:])
+        spans: dict[tuple[int, int], list] = defaultdict(list)  # row range -> the (rank, box) needing it
+        for r, box in sorted(needs.items()):
+            spans[(box[0][0], box[0][0] + box[1][0])].append((r, box))
+        cuts = sorted({0, d.shape[0]} | {c for span in spans for c in span})
+        for a, b in zip(cuts, cuts[1:]):
+            # the cuts include every box's row bounds: a box meeting the band holds all its rows
+            band = sorted(x for (lo, hi), xs in spans.items() if lo < b and hi > a for x in xs)
+            if not band:
+                continue  # rows nobody needs
+            k = min(len(band), b - a)
+            readers = sorted((r for r, _ in band), key=lambda r: (load[r], r))[:k]  # least loaded first
+            for j, reader in enumerate(readers):
+                lo, hi = a + (b - a) * j // k, a + (b - a) * (j + 1) // k
+                load[reader] += (hi - lo) * row
+                step = max(1, bucket_bytes // row) if row else hi - lo
+                for c_lo in range(lo, hi, step):
+                    c_hi = min(hi, c_lo + step)
+                    nbytes = (c_hi - c_lo) * row
+                    if used[reader] and used[reader] + nbytes > bucket_bytes:
+                        bucket[reader], used[reader] = bucket[reader] + 1, 0
+                    used[reader] += nbytes
+                    pieces = tuple(_piece(dst, box, c_lo, c_hi, item) for dst, box in band)
+                    sched.chunks.append(Chunk(key, reader, (c_lo, c_hi), nbytes, pieces, bucket[reader]))
+    sched.rounds = max((bucket[r] + 1 for r in used if used[r]), default=0)
+    return sched
+
+
+def _piece(dst: int, box: Box, lo: int, hi: int, item: int) -> Piece:
+    off, shp = box
+    a, b = max(lo, off[0]), min(hi, off[0] + shp[0])
+    shape = (b - a,) + tuple(shp[1:])
+    return Piece(dst, (a,) + tuple(off[1:]), shape, item * math.prod(shape))
+
+
+def _padded(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+class ColumnLoader:
+    """Runs a load Schedule on one rank: reads its chunks, sends and receives the pieces, and
+    copies this rank's pieces into its targets."""
+
+    def __init__(self, sched: Schedule, comm, targets: Mapping[tuple, torch.Tensor],
+                          open_tensor: Callable[[tuple], object], progress=None):
+        """targets: key -> this rank's local tensor (its box of the global tensor);
+        open_tensor(key) -> the open weights file holding it (ShardFile or LegacyFile)."""
+        self.sched, self.comm, self.targets = sched, comm, targets
+        self.open_tensor, self.progress = open_tensor, progress
+        self.rank = comm.rank
+        self.bytes_read = 0
+        self.mine = [[] for _ in range(sched.rounds)]  # chunks this rank reads, by round
+        self.recv = [[] for _ in range(sched.rounds)]  # (src, key, piece) this rank receives, by round
+        for c in sched.chunks:
+            if c.reader == self.rank:
+                self.mine[c.round].append(c)
+            for p in c.pieces:
+                if p.dst == self.rank and c.reader != self.rank:
+                    self.recv[c.round].append((c.reader, c.key, p))
+        for lst in self.recv:
+            lst.sort(key=lambda x: x[0])  # stable: the reader's order kept within a source
+        cuda = any(t.device.type == "cuda" for t in targets.values())
+        self.pin = cuda and torch.cuda.is_available()  # pinned staging: the host-to-device copies are DMA
+
+    def _buffer(self, name: str, n: int) -> torch.Tensor:
+        return scratch(f"load_exchange.{name}", n, self.pin)  # reused across loads: fresh memory is slow
+
+    def _into_target(self, key: tuple, piece: Piece, data: torch.Tensor) -> None:
+        box = self.sched.boxes[key][self.rank]
+        index = tuple(slice(o - bo, o - bo + s) for o, bo, s in zip(piece.offset, box[0], piece.shape))
+        self.targets[key][index].copy_(data)
+        if self.progress is not None:
+            self.progress.add(piece.nbytes)
+
+    def run(self) -> None:
+        """Every round, even after an error here (the others wait for this rank's part); raises
+        the first error at the end, or at once if a collective fails."""
+        error = None
+        for k in range(self.sched.rounds):
+            try:
+                self._round(k, error is None)
+            except SaveError:
+                raise
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise error
+
+    def _round(self, k: int, work: bool) -> None:
+        world = self.comm.world_size
+        send_sizes = [0] * world
+        for c in self.mine[k]:
+            for p in c.pieces:
+                if p.dst != self.rank:
+                    send_sizes[p.dst] += _padded(p.nbytes)
+        recv_sizes = [0] * world
+        for src, _, p in self.recv[k]:
+            recv_sizes[src] += _padded(p.nbytes)
+        send = self._buffer("send", sum(send_sizes))
+        error = None
+        if work:
+            try:
+                self._read_and_pack(k, send, send_sizes)
+            except Exception as e:
+                error = e
+        recv = self._buffer("recv", sum(recv_sizes))
+        self.comm.all_to_all_bytes(send, send_sizes, recv, recv_sizes)
+        if error is not None:
+            raise error
+        if not work:
+            return
+        pos = 0
+        for _, key, p in self.recv[k]:
+            dtype = self.targets[key].dtype
+            self._into_target(key, p, recv[pos : pos + p.nbytes].view(dtype).view(p.shape))
+            pos += _padded(p.nbytes)
+        if self.pin:  # the next round's all_to_all reuses the receive buffer
+            torch.cuda.synchronize()
+
+    def _read_and_pack(self, k: int, send: torch.Tensor, send_sizes: list[int]) -> None:
+        starts, pos = [], 0
+        for n in send_sizes:
+            starts.append(pos)
+            pos += n
+        for c in self.mine[k]:
+            f = self.open_tensor(c.key)
+            dtype, shape, _ = f.info(c.key[1])
+            n = c.rows[1] - c.rows[0]
+            rows = self._buffer("read", c.nbytes).view(dtype).view((n,) + tuple(shape[1:]))
+            box = ((c.rows[0],) + (0,) * (len(shape) - 1), (n,) + tuple(shape[1:]))
+            self.bytes_read += f.read_into(c.key[1], rows, box)  # whole rows: one read
+            for p in c.pieces:
+                index = (slice(p.offset[0] - c.rows[0], p.offset[0] - c.rows[0] + p.shape[0]),) + tuple(
+                    slice(o, o + s) for o, s in zip(p.offset[1:], p.shape[1:]))
+                if p.dst == self.rank:
+                    self._into_target(c.key, p, rows[index])
+                else:
+                    at = starts[p.dst]
+                    send[at : at + p.nbytes].view(dtype).view(p.shape).copy_(rows[index])
+                    starts[p.dst] += _padded(p.nbytes)
