@@ -9,7 +9,9 @@ said in the output) and warm (the same row again at once):
   safetensors.torch.load_file(device="cuda") of every file
   fastsafetensors (nogds) of every file      (skipped, and said, when it is not installed)
 Every row's tensors are checked against the saved values (a checksum on the GPU). Columns: seconds,
-GB/s, and the extra host memory the row needed (peak RSS over the row, psutil).
+GB/s, and the extra host memory the row needed (peak RSS over the row, psutil). --device cpu runs
+the same rows into host memory, as a check of the script without a GPU (load_file then only maps the
+files: not a comparison).
 """
 
 from __future__ import annotations
@@ -52,19 +54,26 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--json", default=None, help="append results as JSON lines here")
+    ap.add_argument("--device", default="cuda", help="cpu: the same rows into host memory (a check without a GPU)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_gpu_load needs a CUDA device")
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here (--device cpu runs the rows into host memory)")
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
     root = tempfile.mkdtemp(prefix="dist_saver_gpu_load_", dir=args.dir)
     path = os.path.join(root, "ckpt")
     try:
         with torch.device("meta"):
             model = TinyLlama(**llama_config_for_bytes(int(args.size_gb * 1e9)))
-        model.to_empty(device="cuda")
-        gen = torch.Generator(device="cuda").manual_seed(0)
+        model.to_empty(device=dev)
+        gen = torch.Generator(device=dev).manual_seed(0)
         with torch.no_grad():
             for p in model.parameters():
-                p.copy_(torch.randint(-100, 100, p.shape, generator=gen, device="cuda").to(p.dtype))
+                p.copy_(torch.randint(-100, 100, p.shape, generator=gen, device=dev).to(p.dtype))
         state = model.state_dict()
         expect = digest(state)
         total = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values())
@@ -72,13 +81,12 @@ def main() -> None:
         files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
         targets = {k: torch.empty_like(v) for k, v in state.items()}
         del model, state
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
 
-        def ours():
-            for t in targets.values():
-                t.zero_()
+        def ours():  # targets zeroed before the clock starts
             dist_load(targets, path, strict=False)
-            torch.cuda.synchronize()
+            sync()
             return targets
 
         def load_file_row():
@@ -86,21 +94,21 @@ def main() -> None:
 
             out = {}
             for f in files:
-                out.update(load_file(f, device="cuda"))
-            torch.cuda.synchronize()
+                out.update(load_file(f, device=str(dev)))
+            sync()
             return out
 
-        rows = {"dist_load into CUDA tensors": ours, "safetensors load_file(device=cuda)": load_file_row}
+        rows = {f"dist_load into {dev.type} tensors": ours, f"safetensors load_file(device={dev.type})": load_file_row}
         try:
             from fastsafetensors import SafeTensorsFileLoader, SingleGroup
 
             def fast_row():
-                loader = SafeTensorsFileLoader(SingleGroup(), torch.device("cuda:0"), nogds=True)
+                loader = SafeTensorsFileLoader(SingleGroup(), dev, nogds=True)
                 try:
                     loader.add_filenames({0: files})
                     fb = loader.copy_files_to_device()
                     out = {k: fb.get_tensor(k).clone() for k in fb.key_to_rank_lidx}
-                    torch.cuda.synchronize()
+                    sync()
                     fb.close()
                     return out
                 finally:
@@ -115,6 +123,9 @@ def main() -> None:
         for _ in range(args.repeat):
             for name, fn in rows.items():
                 for cache in ("cold", "warm"):
+                    for t in targets.values():
+                        t.zero_()
+                    sync()
                     if cache == "cold":
                         how = drop_cache(path)
                     with PeakRSS() as mem:
@@ -125,9 +136,11 @@ def main() -> None:
                     if got != expect:
                         raise SystemExit(f"{name}: loaded values differ (checksum {got} != {expect})")
                     del out
-                    torch.cuda.empty_cache()
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
                     results.setdefault(name, {}).setdefault(cache, []).append((seconds, mem.extra))
-        print(f"\none process onto {torch.cuda.get_device_name()}: {total / 1e9:.2f} GB bf16 in {len(files)} files, "
+        where = torch.cuda.get_device_name() if dev.type == "cuda" else "host memory"
+        print(f"\none process onto {where}: {total / 1e9:.2f} GB bf16 in {len(files)} files, "
               f"{args.dir or tempfile.gettempdir()}, cold cache by {how}, best of {args.repeat} "
               f"(torch {torch.__version__})")
         print(f"{'loader':<38} {'cold s':>7} {'GB/s':>6} {'warm s':>7} {'GB/s':>6} {'extra host MiB':>15}")
@@ -137,7 +150,7 @@ def main() -> None:
             extra = max(x[1] for c in r.values() for x in c)
             print(f"{name:<38} {cold[0]:>7.2f} {total / cold[0] / 1e9:>6.2f} {warm[0]:>7.2f} "
                   f"{total / warm[0] / 1e9:>6.2f} {extra / 2**20:>15.0f}")
-        ours_r = results["dist_load into CUDA tensors"]
+        ours_r = results[f"dist_load into {dev.type} tensors"]
         print(f"dist_load vs the best other loader: cold {best['cold'] / min(ours_r['cold'])[0]:.2f}x, "
               f"warm {best['warm'] / min(ours_r['warm'])[0]:.2f}x (>1 is faster)")
         if args.json:

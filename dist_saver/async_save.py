@@ -1,53 +1,63 @@
-"""Async saves: the handle and the one-at-a-time rule."""
+"""Async saves: the handle (a concurrent.futures.Future) and the one-at-a-time rule."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
-
 
 log = logging.getLogger("dist_saver")
 
 _pending: "AsyncSave | None" = None
 
 
-class AsyncSave:
-    """A save running in the background. wait() returns its SaveResult or raises its error."""
+class AsyncSave(concurrent.futures.Future):
+    """A save running in the background: a concurrent.futures.Future of its SaveResult.
 
-    def __init__(self, blocking_seconds: float):
-        self.blocking_seconds = blocking_seconds  # how long dist_save held the caller
-        self._done = threading.Event()
-        self._result = None
-        self._error: BaseException | None = None
+    Returned by dist_save(..., async_save=True) once this rank's tensors are copied to host memory.
+    As a Future it works with concurrent.futures.wait/as_completed and add_done_callback; done(),
+    result() and exception() behave as for any Future. It cannot be cancelled (it runs from the
+    start: cancel() returns False).
+
+    Attributes:
+        blocking_seconds (float): how long dist_save held the caller before returning it.
+    """
+
+    def __init__(self, blocking_seconds: float = 0.0):
+        super().__init__()
+        self.blocking_seconds = blocking_seconds
         self._thread: threading.Thread | None = None
 
     @classmethod
     def start(cls, fn, args: tuple, blocking_seconds: float) -> "AsyncSave":
+        """Run fn(*args) in a daemon thread; its return value or exception completes the handle,
+        which becomes the pending save that the next dist_save waits for. Returns the handle."""
         global _pending
         handle = cls(blocking_seconds)
+        handle.set_running_or_notify_cancel()  # running from now: cancel() returns False
 
         def run():
             try:
-                handle._result = fn(*args)
-            except BaseException as e:  # raised again by wait(), on the caller's thread
-                handle._error = e
-            finally:
-                handle._done.set()
+                handle.set_result(fn(*args))
+            except BaseException as e:  # raised again by wait()/result(), on the caller's thread
+                handle.set_exception(e)
 
         handle._thread = threading.Thread(target=run, name="dist_saver-async-save", daemon=True)
         _pending = handle
         handle._thread.start()
         return handle
 
-    def done(self) -> bool:
-        return self._done.is_set()
-
     def wait(self, timeout: float | None = None):
-        if not self._done.wait(timeout):
+        """Wait for the save to finish (up to timeout seconds; None: as long as it takes).
+
+        Returns: the SaveResult (the same as result()).
+        Raises: the save's error (a SaveError from any rank, CollectiveError, PlanError, ...);
+        TimeoutError if it is still running after timeout seconds (it goes on running).
+        """
+        # Not result(timeout): a TimeoutError raised by the save itself must not read as "still running".
+        if not concurrent.futures.wait([self], timeout).done:
             raise TimeoutError(f"async save still running after {timeout}s")
-        if self._error is not None:
-            raise self._error
-        return self._result
+        return self.result()
 
 
 def wait_for_pending_save() -> None:
@@ -56,6 +66,6 @@ def wait_for_pending_save() -> None:
     handle, _pending = _pending, None
     if handle is None:
         return
-    handle._done.wait()
-    if handle._error is not None:  # its owner sees it from wait(); don't lose it if they never ask
-        log.error("a previous async save failed: %s", handle._error)
+    error = handle.exception()  # waits for it to finish
+    if error is not None:  # its owner sees it from wait(); don't lose it if they never ask
+        log.error("a previous async save failed: %s", error)

@@ -17,7 +17,7 @@ ALIGN = 4096
 
 def as_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy (the caller keeps t alive)."""
-    n = t.numel() * t.element_size()
+    n = t.nbytes
     if n == 0:
         return memoryview(b"")
     return memoryview((ctypes.c_uint8 * n).from_address(t.data_ptr())).cast("B")

@@ -135,7 +135,7 @@ def _file_entries(index: fmt.CheckpointIndex) -> list[dict]:
             rec = recorded.get(name) or {}
             ranges = rec.get("ranges") if isinstance(rec.get("ranges"), list) else None
             entry.update(present=True, size=os.path.getsize(full), tensors=len(infos),
-                         tensor_bytes=sum(math.prod(i[1]) * i[0].itemsize for i in infos), dtypes=dict(dtypes),
+                         tensor_bytes=sum(fmt.nbytes(i[1], i[0]) for i in infos), dtypes=dict(dtypes),
                          writers=sorted({r[2] for r in ranges if isinstance(r, list) and len(r) == 4})
                          if ranges else [], ranges=len(ranges) if ranges else None,
                          checksum=rec.get("checksum"))
@@ -212,6 +212,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the dist-saver command.
+
+    Args:
+        argv: the arguments after the program name (None: sys.argv[1:]).
+
+    Returns: the exit code, chosen by the type of error only (never its text): 0 fine; 1
+    (DAMAGED) a CheckpointError or OSError on a checkpoint that was found, or a failed rewrite
+    (DistSaverError, OSError, ValueError) or upload; 2 (USAGE) a UsageError (nothing there, not
+    a checkpoint, a file of one) or a bad argument.
+
+    Raises: SystemExit from argparse for bad usage, --help and --version.
+    """
     args = _parser().parse_args(argv)
     if args.command in ("convert-dcp", "reshard", "convert-legacy"):
         return _rewrite(args)

@@ -1,4 +1,17 @@
-"""Every torch.distributed call of the package goes through here.
+"""The collectives of saves and loads, and how their failures are agreed on.
+
+What this module owns: every collective dist_saver itself runs (all_gather_object, broadcast,
+all_to_all of byte buffers, through Comm), the save's own gloo group with its timeout
+(save_group), the store keys that name ranks which never joined or stopped answering, and the
+rule that a step which failed on one rank raises on every rank (Comm.step, Comm.agree,
+raise_if_failed) instead of leaving the others waiting in a collective.
+
+What it does not own: other modules call torch.distributed directly for what is not a
+collective of ours: the CLI creates and destroys the process group under torchrun; layout.py and
+load.py ask for the global rank and read DTensor placements (torch.distributed.tensor);
+training.py and convert.py use torch.distributed.checkpoint's state-dict and DCP reader APIs;
+synthetic.py builds FSDP2/TP test models; progress.py adds byte counts to the store it gets from
+default_store() here.
 
 Without an initialised process group everything works as a group of one.
 """
@@ -16,6 +29,7 @@ from typing import Any, Sequence
 import torch.distributed as dist
 
 from .errors import CollectiveError, DistSaverError, SaveError
+from .torch_compat import default_store
 
 
 # The user's group -> {timeout: our gloo group}. Keyed by the group object itself (weakly), not by
@@ -25,14 +39,6 @@ from .errors import CollectiveError, DistSaverError, SaveError
 _save_groups: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def default_store():
-    """The store torchrun's rendezvous (or init_process_group) made, or None. Private API: guarded."""
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:
-        return None
-
-
 def is_registered(group) -> bool:
     """False for a group that destroy_process_group() has removed."""
     try:
@@ -40,6 +46,9 @@ def is_registered(group) -> bool:
         return True
     except (KeyError, ValueError, RuntimeError):
         return False
+
+
+JOINING = "joining the save (creating its process group)"  # the stage of save_group's errors
 
 
 def save_group(process_group=None, timeout: float = 600.0):
@@ -73,7 +82,7 @@ def save_group(process_group=None, timeout: float = 600.0):
             f"rank {ranks.index(dist.get_rank())}: creating the save's process group of (global) ranks "
             f"{_ranks_text(ranks)} failed "
             f"(a rank died or stopped responding, or the save's timeout of {timeout:g}s passed): "
-            f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
+            f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}", stage=JOINING,
         ) from e
     made[float(timeout)] = group
     return group
@@ -103,7 +112,8 @@ def _check_in(ranks: list[int], timeout: float, generation: str) -> None:
            else "not every rank called dist_save")
     raise CollectiveError(
         f"rank {ranks.index(dist.get_rank())}: {who} within the save's timeout of {timeout:g}s; every rank of "
-        "the process group must call it (a rank that died, hangs, or skipped the save)"
+        "the process group must call it (a rank that died, hangs, or skipped the save)",
+        failures={r: f"did not call dist_save within {timeout:g}s" for r in missing}, stage=JOINING,
     ) from cause
 
 
@@ -112,6 +122,10 @@ def _ranks_text(ranks: Sequence[int]) -> str:
 
 
 class Comm:
+    """This rank's view of a process group (None: the world's; no process group: a group of one):
+    its rank, size, and the collectives saves and loads run on it. timeout: the group's collective
+    timeout in seconds, for messages (None: the group's own)."""
+
     def __init__(self, process_group=None, timeout: float | None = None):
         self.active = dist.is_available() and dist.is_initialized()
         self.timeout = timeout  # seconds, of the group's collectives (None: the group's own)
@@ -175,15 +189,17 @@ class Comm:
         """
         payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if error is None else b""
         digest = hashlib.sha256(payload).hexdigest()
-        digests = self.all_gather_object((digest, describe_error(error)))
+        with _broken_at(what, self.rank, error):
+            digests = self.all_gather_object((digest, describe_error(error)))
         raise_if_failed([d[1] for d in digests], what, cls)
         groups: dict[str, list[int]] = {}
         for r, (d, _) in enumerate(digests):
             groups.setdefault(d, []).append(r)
         out = []
-        for ranks in groups.values():
-            value = self.broadcast_object(obj if self.rank == ranks[0] else None, ranks[0])
-            out.append((ranks, value))
+        with _broken_at(what, self.rank, None):
+            for ranks in groups.values():
+                value = self.broadcast_object(obj if self.rank == ranks[0] else None, ranks[0])
+                out.append((ranks, value))
         return out
 
     @property
@@ -213,12 +229,88 @@ class Comm:
         except Exception:  # the store itself is gone (e.g. it lived in the dead rank)
             return None
 
-    def agree(self, error: BaseException | None, what: str, cls: type = SaveError, share: Any = None) -> Any:
+    def agree(self, error: BaseException | None, what: str, cls: type = SaveError, share: Any = None, *,
+              gather: bool = False) -> Any:
         """Collective: raise the same error (cls) on every rank if any rank failed; else return
-        rank 0's `share` on every rank (one collective for both)."""
-        reports = self.all_gather_object((describe_error(error), share))
+        rank 0's `share` on every rank, or with gather=True every rank's `share`, by rank (one
+        collective for both). Comm.step is the usual way in; this is its collective.
+
+        Raises: cls with `failures` and `stage` (= what) if any rank's error is not None;
+        CollectiveError (stage = what) if the collective itself breaks.
+        """
+        with _broken_at(what, self.rank, error):
+            reports = self.all_gather_object((describe_error(error), share))
         raise_if_failed([r[0] for r in reports], what, cls)
-        return reports[0][1]
+        return [r[1] for r in reports] if gather else reports[0][1]
+
+    def step(self, what: str, result: str | None = None, cls: type = SaveError) -> "Step":
+        """A step done locally, then agreed on by every rank: a context manager.
+
+            with comm.step(f"creating the files of {path}"):
+                create_files(...)                      # this rank's part; may raise
+            with comm.step("describing", result="distinct") as described:
+                described.value = (metas, aliases)     # what this rank contributes
+            groups = described.result
+
+        The body's exception (an Exception; KeyboardInterrupt and the like propagate at once) is
+        caught, then exactly one agreement runs on every rank whether its body failed or not, so no
+        rank is left waiting in a collective that another skipped (as DCP's
+        _DistWrapper.all_reduce). Every rank must enter the step, even one with nothing to do.
+
+        Args:
+            what: the step, for messages and `stage` ("writing /path").
+            result: what `step.result` holds afterwards on every rank: None (nothing), "shared"
+                (rank 0's value), "all" (every rank's value, by rank) or "distinct" ([(ranks, value)]
+                with each distinct value sent once, see gather_deduplicated).
+            cls: the error class raised when a body failed.
+
+        Returns: the Step; set its `value` in the body; read `result` after the with.
+        Raises (on leaving the with): cls on every rank if any rank's body failed, with its
+        message "<what> failed on N of M rank(s): ...", `failures` {rank: message} and `stage`
+        what, chained to this rank's own error; CollectiveError if the agreement itself broke
+        (a rank died or hung past the timeout), with `stage` what and `failures` holding this
+        rank's own error, if any.
+        """
+        if result not in (None, "shared", "all", "distinct"):
+            raise ValueError(f"result must be None, 'shared', 'all' or 'distinct', not {result!r}")
+        return Step(self, what, result, cls)
+
+
+class Step:
+    """One step of Comm.step: `value` is this rank's contribution (set in the with's body),
+    `result` what the agreement returned (see Comm.step)."""
+
+    def __init__(self, comm: Comm, what: str, result: str | None, cls: type):
+        self.comm, self.what, self.mode, self.cls = comm, what, result, cls
+        self.value: Any = None
+        self.result: Any = None
+
+    def __enter__(self) -> "Step":
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if error is not None and not isinstance(error, Exception):
+            return False  # an interrupt: stop here, as any code would (the others time out)
+        value = None if error is not None else self.value
+        if self.mode == "distinct":
+            self.result = self.comm.gather_deduplicated(value, error, self.what, self.cls)
+        else:  # raised here, the agreed error is chained to this rank's own (its __context__)
+            agreed = self.comm.agree(error, self.what, self.cls, value, gather=self.mode == "all")
+            self.result = agreed if self.mode else None
+        return True  # this rank's error, if any, was raised above as the agreed one
+
+
+@contextlib.contextmanager
+def _broken_at(what: str, rank: int, error: BaseException | None):
+    """A collective that breaks during a step: its CollectiveError says which step (stage), and
+    keeps this rank's own error of that step (its failures), which would otherwise be lost."""
+    try:
+        yield
+    except CollectiveError as e:
+        e.stage = e.stage or what
+        if error is not None:
+            e.failures.setdefault(rank, describe_error(error))
+        raise
 
 
 @contextlib.contextmanager
@@ -244,13 +336,20 @@ def describe_error(error: BaseException | None) -> str | None:
 
 
 def raise_if_failed(errors: Sequence[str | None], what: str, cls: type = SaveError) -> None:
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    """Raise cls if any rank's error (describe_error's text, by rank; None: fine) is set.
+
+    The message is the same on every rank: "<what> failed on N of M rank(s):" then one line per
+    distinct error naming its ranks; the error's `failures` is {rank: text} and `stage` is what.
+    """
+    failed = {r: e for r, e in enumerate(errors) if e is not None}
     if not failed:
         return
     # The same text on every rank; ranks failing with the same message are listed together.
     by_msg: dict[str, list[int]] = {}
-    for r, e in failed:
+    for r, e in failed.items():
         by_msg.setdefault(e, []).append(r)
     lines = [f"rank {','.join(map(str, rs))}: {msg}" for msg, rs in by_msg.items()]
-    raise cls(f"{what} failed on {len(failed)} of {len(errors)} rank(s):\n  " + "\n  ".join(lines))
+    error = cls(f"{what} failed on {len(failed)} of {len(errors)} rank(s):\n  " + "\n  ".join(lines))
+    error.failures, error.stage = failed, what  # set, not passed: cls may be any exception class
+    raise error
 

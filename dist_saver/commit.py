@@ -113,9 +113,9 @@ class Target:
         self.path = os.path.abspath(path)
         parent, name = os.path.split(self.path)
         self.parent = parent
-        self.staging = os.path.join(parent, f".{name}.dist_saver-staging")
-        self.previous = os.path.join(parent, f".{name}.dist_saver-previous")
-        self.lock = os.path.join(parent, f".{name}.dist_saver.lock")
+        self.staging = os.path.join(parent, fmt.staging_dir_name(name))
+        self.previous = os.path.join(parent, fmt.previous_dir_name(name))
+        self.lock = os.path.join(parent, fmt.lock_file_name(name))
         self.owner = None  # set when something outlives the save and releases the lock itself
         self.published = False  # the staging directory was renamed to path (by this process)
 

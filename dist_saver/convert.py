@@ -38,17 +38,27 @@ def _rewrite(tensors: list[TensorInfo], load: Callable[[list[str]], dict], dst: 
 
 def _info(name: str, dtype: torch.dtype, shape) -> TensorInfo:
     shape = tuple(int(s) for s in shape)
-    nbytes = dtype.itemsize
-    for s in shape:
-        nbytes *= s
-    return TensorInfo(name, fmt.dtype_code(dtype), shape, nbytes)
+    return TensorInfo(name, fmt.dtype_code(dtype), shape, fmt.nbytes(shape, dtype))
 
 
 def convert_dcp(src: str | os.PathLike, dst: str | os.PathLike, *, process_group=None, **save_kwargs):
     """Collective: convert the DCP checkpoint at src into a safetensors checkpoint at dst.
 
+    Every rank of the group calls it; each reads (through DCP) only the tensors it then writes.
     Non-tensor entries (DCP "bytes" items such as a step counter) are skipped with a warning.
-    save_kwargs go to dist_save (max_shard_size, overwrite, ...).
+
+    Args:
+        src: a torch.distributed.checkpoint directory written by FileSystemWriter (e.g. torchtitan's).
+        dst: the checkpoint directory to write (as dist_save's path).
+        process_group: the ranks that convert together (None: the default group, or one process).
+        **save_kwargs: passed to dist_save (max_shard_size, overwrite, checksums, ...).
+
+    Returns:
+        dist_save's SaveResult (an AsyncSave handle with async_save=True).
+
+    Raises:
+        OSError (or DCP's own errors): src is not a readable DCP checkpoint.
+        SaveError, ValueError: as dist_save (dst not replaceable, a bad size, a rank failed...).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -79,7 +89,24 @@ def convert_dcp(src: str | os.PathLike, dst: str | os.PathLike, *, process_group
 def reshard(src: str | os.PathLike, dst: str | os.PathLike, *, process_group=None, **save_kwargs):
     """Collective: rewrite the checkpoint at src (ours or any HF one, safetensors or legacy .bin)
     at dst, e.g. with another max_shard_size or, under torchrun, another number of writers.
-    Tied names are kept (and stored once)."""
+
+    Every rank of the group calls it; each reads only the tensors it then writes. Tied names (our
+    aliases, or one tensor under two names in a .bin) are kept, and stored once.
+
+    Args:
+        src: the checkpoint directory, or a single weights file.
+        dst: the checkpoint directory to write (as dist_save's path).
+        process_group: the ranks that rewrite together (None: the default group, or one process).
+        **save_kwargs: passed to dist_save (max_shard_size, overwrite, checksums, ...).
+
+    Returns:
+        dist_save's SaveResult (an AsyncSave handle with async_save=True).
+
+    Raises:
+        CheckpointError: src is not a complete or readable checkpoint (missing index or shard,
+            malformed header, a .bin holding more than tensors).
+        SaveError, ValueError: as dist_save (dst not replaceable, a bad size, a rank failed...).
+    """
     from .load import load_state_dict
 
     src, dst = os.fspath(src), os.fspath(dst)
@@ -89,14 +116,15 @@ def reshard(src: str | os.PathLike, dst: str | os.PathLike, *, process_group=Non
     for file in sorted(set(index.weight_map.values())):
         with open_weights(fmt.safe_member(index.directory, file)) as f:
             ties = f.ties()
-            for name in f.names():
+            for position, name in enumerate(f.names()):
                 if index.weight_map.get(name) != file:
                     continue
                 if ties.get(name, name) != name and index.weight_map.get(ties[name]) == file:
                     aliases[name] = ties[name]  # the same tensor under two names: store it once
                     continue
                 dtype, shape, offset = f.info(name)
-                tensors.append((file, offset, _info(name, dtype, shape)))
+                # a .bin has no data offsets: the order it lists its tensors in stands for them
+                tensors.append((file, position if offset is None else offset, _info(name, dtype, shape)))
     tensors.sort(key=lambda x: (x[0], x[1]))  # on-disk order: neighbours stay together
     return _rewrite([t for _, _, t in tensors], lambda names: load_state_dict(src, names), dst,
                     process_group, save_kwargs, aliases)
@@ -105,7 +133,20 @@ def reshard(src: str | os.PathLike, dst: str | os.PathLike, *, process_group=Non
 def convert_legacy(src: str | os.PathLike, dst: str | os.PathLike, *, process_group=None, **save_kwargs):
     """Collective: rewrite a legacy checkpoint (pytorch_model.bin, or shards listed in
     pytorch_model.bin.index.json; read with weights_only=True) into our safetensors layout.
-    The legacy files are read through memory maps; each rank reads only the tensors it writes."""
+    The legacy files are read through memory maps; each rank reads only the tensors it writes.
+
+    Args:
+        src: the directory holding pytorch_model.bin or its index, or one .bin/.pt/.pth file.
+        dst, process_group, **save_kwargs: as for reshard (which this is, once src is checked).
+
+    Returns:
+        dist_save's SaveResult (an AsyncSave handle with async_save=True).
+
+    Raises:
+        CheckpointError: src is already a safetensors checkpoint (use reshard), or is not a
+            readable legacy checkpoint (a file holding more than tensors is refused unread).
+        SaveError, ValueError: as dist_save (dst not replaceable, a bad size, a rank failed...).
+    """
     index = fmt.read_index(os.fspath(src))
     if not all(fmt.is_legacy_file(f) for f in index.weight_map.values()):
         raise CheckpointError(f"{index.directory}: already a safetensors checkpoint; use reshard to rewrite it")

@@ -1,12 +1,15 @@
 """The on-disk format: safetensors headers, file names, the index, size strings.
 
-Nothing else in the package builds file names or encodes/decodes JSON headers.
+Every file name the package writes, looks for or matches is built here (the shards, the indexes,
+the upload's patterns, a save's hidden sibling directories and lock), and nothing else in the
+package encodes or decodes safetensors headers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import reprlib
@@ -24,11 +27,14 @@ OPTIM_INDEX_NAME = "optimizer.safetensors.index.json"
 TRAIN_STATE_NAME = "train_state.json"
 # save_pretrained's files that a checkpoint of ours may carry beside the weights
 OWN_EXTRA_FILES = ("config.json", "generation_config.json")
-SINGLE_NAME = "model.safetensors"
+SAFETENSORS_SUFFIX = ".safetensors"
+SINGLE_NAME = "model" + SAFETENSORS_SUFFIX
 # Legacy torch.save weights: read (weights-only), never written.
 LEGACY_INDEX_NAME = "pytorch_model.bin.index.json"
 LEGACY_SINGLE_NAME = "pytorch_model.bin"
 LEGACY_SUFFIXES = (".bin", ".pt", ".pth")
+# transformers' names for the shards of a sharded pytorch_model.bin
+LEGACY_SHARD_PATTERN = "pytorch_model-*-of-*.bin"
 # Key under the index's "metadata" that marks a checkpoint as ours and carries our extras.
 META_KEY = "dist_saver"
 # The major format version: readers refuse a newer major; "1.x" (a string) would be a compatible
@@ -96,6 +102,45 @@ def shard_file_name(number: int, total: int, prefix: str = "model") -> str:
 
 def is_shard_file_name(name: str) -> bool:
     return _FILE_RE.match(name) is not None
+
+
+def shard_file_pattern(prefix: str = "model") -> str:
+    """The glob that matches every shard_file_name(..., prefix): model-*-of-*.safetensors."""
+    return f"{prefix}-*-of-*{SAFETENSORS_SUFFIX}"
+
+
+def is_weights_file(name: str) -> bool:
+    """A safetensors or legacy torch.save weights file, by its name."""
+    return name.endswith(SAFETENSORS_SUFFIX) or is_legacy_file(name)
+
+
+# A save into directory `name` keeps its state in hidden siblings (in the same parent, so that
+# publishing is a rename): never inside the checkpoint, so an upload or a reader never sees them.
+def staging_dir_name(name: str) -> str:
+    """The sibling a save writes into before publishing it."""
+    return f".{name}.dist_saver-staging"
+
+
+def previous_dir_name(name: str) -> str:
+    """The sibling the replaced checkpoint is renamed to while a save publishes."""
+    return f".{name}.dist_saver-previous"
+
+
+def lock_file_name(name: str) -> str:
+    """The sibling lock file held by a save (and an upload) of the directory."""
+    return f".{name}.dist_saver.lock"
+
+
+def nbytes(shape: Iterable[int], dtype: torch.dtype | str | int) -> int:
+    """Bytes of a tensor or box of this shape; dtype: a torch dtype, a safetensors code ("BF16")
+    or an item size in bytes."""
+    if isinstance(dtype, torch.dtype):
+        item = dtype.itemsize
+    elif isinstance(dtype, str):
+        item = _ITEMSIZE[dtype]
+    else:
+        item = dtype
+    return item * math.prod(shape)
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
@@ -244,7 +289,7 @@ def read_index(path: str) -> CheckpointIndex:
     Looks for, in this order (as transformers does): model.safetensors.index.json,
     model.safetensors, pytorch_model.bin.index.json, pytorch_model.bin.
     """
-    if os.path.isfile(path) and path.endswith((".safetensors",) + LEGACY_SUFFIXES):
+    if os.path.isfile(path) and is_weights_file(path):
         return _single(os.path.dirname(path) or ".", os.path.basename(path))
     for name in (INDEX_NAME, SINGLE_NAME, LEGACY_INDEX_NAME, LEGACY_SINGLE_NAME):
         if os.path.isfile(os.path.join(path, name)):

@@ -30,11 +30,12 @@ def model_files(model) -> dict[str, bytes]:
     if dtype is not None:  # transformers 5 (and 4.56+) writes "dtype"; older ones "torch_dtype"
         setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", str(dtype).split(".")[1])
     config.architectures = [type(model).__name__.removeprefix("FSDP")]
-    out = {"config.json": config.to_json_string().encode()}
+    config_name, generation_name = fmt.OWN_EXTRA_FILES
+    out = {config_name: config.to_json_string().encode()}
     generation = getattr(model, "generation_config", None)
     can_generate = getattr(model, "can_generate", lambda: False)
     if generation is not None and hasattr(generation, "to_json_string") and can_generate():
-        out["generation_config.json"] = generation.to_json_string().encode()
+        out[generation_name] = generation.to_json_string().encode()
     return out
 
 

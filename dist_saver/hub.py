@@ -8,6 +8,7 @@ the tests replace huggingface_hub's HfApi in-process.
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import logging
 import os
@@ -20,8 +21,8 @@ log = logging.getLogger("dist_saver")
 
 # Weight files in the repo that our upload replaces: a stale model.safetensors (or old shards)
 # would shadow or confuse the new index, so the same commit deletes those it does not upload.
-STALE_PATTERNS = [fmt.SINGLE_NAME, "model-*-of-*.safetensors", fmt.LEGACY_SINGLE_NAME,
-                  fmt.LEGACY_INDEX_NAME, "pytorch_model-*-of-*.bin"]
+STALE_PATTERNS = [fmt.SINGLE_NAME, fmt.shard_file_pattern(), fmt.LEGACY_SINGLE_NAME,
+                  fmt.LEGACY_INDEX_NAME, fmt.LEGACY_SHARD_PATTERN]
 
 
 def checkpoint_files(path: str, training: bool = False) -> list[str]:
@@ -46,7 +47,7 @@ def checkpoint_files(path: str, training: bool = False) -> list[str]:
             if fmt.is_plain_relpath(rel) and os.path.isfile(full) and not os.path.islink(full):
                 others.add(rel)
     # Weight files the index does not name are leftovers (another tool's, an older split).
-    others = {n for n in others if not (fmt.is_legacy_file(n) or n.endswith(".safetensors")) or n in weights}
+    others = {n for n in others if not fmt.is_weights_file(n) or n in weights}
     if not training:  # resuming state is not part of a model repo
         others -= {fmt.OPTIM_INDEX_NAME, fmt.TRAIN_STATE_NAME}
     return sorted(weights | others)
@@ -55,10 +56,32 @@ def checkpoint_files(path: str, training: bool = False) -> list[str]:
 def push_to_hub(path: str | os.PathLike, repo_id: str, *, token: str | None = None,
                 private: bool | None = None, revision: str | None = None,
                 commit_message: str | None = None, include_training_state: bool = False):
-    """Upload the checkpoint directory at path to the Hub model repo repo_id in one commit
-    (created if missing); weight files from an earlier upload that this one does not carry are
-    deleted in the same commit. A training checkpoint's optimizer files and train_state.json stay
-    behind unless include_training_state. Returns huggingface_hub's CommitInfo."""
+    """Upload the checkpoint directory at path to the Hub model repo repo_id in one commit.
+
+    Not collective: call it on one process. Takes the files checkpoint_files() lists (the index,
+    every file it names, config/tokenizer/processor files beside them); weight files from an
+    earlier upload that this one does not carry are deleted in the same commit. The checkpoint's
+    lock is held meanwhile, so no save replaces the directory mid-upload.
+
+    Args:
+        path: a complete checkpoint directory (one holding model.safetensors.index.json).
+        repo_id: the model repo, "org/name"; created (exist_ok) if missing.
+        token: a Hub token; None uses huggingface_hub's own (HF_TOKEN, the cached login).
+        private: visibility of a repo this call creates (None: the Hub's default).
+        revision: the branch to commit to (None: the default branch).
+        commit_message: None gives "Upload checkpoint (<n> files) with dist_saver".
+        include_training_state: also upload a training checkpoint's optimizer files,
+            optimizer.safetensors.index.json and train_state.json (left behind by default).
+
+    Returns:
+        huggingface_hub's CommitInfo of the commit.
+
+    Raises:
+        ImportError: huggingface_hub is not installed.
+        CheckpointError: path is not a complete checkpoint (no index, a shard file missing).
+        SaveError: a save into path holds its lock.
+        huggingface_hub's errors (HfHubHTTPError...) from creating the repo or uploading.
+    """
     from .commit import Target
 
     api = hf_api(token)
@@ -69,6 +92,7 @@ def push_to_hub(path: str | os.PathLike, repo_id: str, *, token: str | None = No
 
 
 def hf_api(token: str | None = None):
+    """huggingface_hub's HfApi; an ImportError saying how to install it if it is missing."""
     try:
         from huggingface_hub import HfApi
     except ImportError:
@@ -89,53 +113,53 @@ def upload(api, path: str, repo_id: str, *, private=None, revision=None, commit_
     )
 
 
-class Upload:
+class Upload(concurrent.futures.Future):
     """A push running in a thread of its own on rank 0, so neither this rank nor the others wait
-    for the Hub: wait() returns the CommitInfo or raises SaveError. The checkpoint's lock is held
-    until the upload ends. A non-daemon thread: the interpreter does not exit mid-upload."""
+    for the Hub: a Future of the CommitInfo, whose exception is a SaveError naming the saved
+    checkpoint; wait() is result() with a message naming the upload on a timeout. The
+    checkpoint's lock is held until the upload ends, and released before the future is done. A
+    non-daemon thread: the interpreter does not exit mid-upload."""
 
     _running: dict = {}  # absolute path -> Upload
 
     def __init__(self, path: str, repo_id: str, target):
+        super().__init__()
         self.path, self.repo_id, self.target = path, repo_id, target
-        self.result = None
-        self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="dist_saver-upload", daemon=False)
 
     @classmethod
     def start(cls, path: str, repo_id: str, target) -> "Upload":
         """target: the save's commit.Target, whose lock this upload now owns and releases."""
         up = cls(path, repo_id, target)
+        up.set_running_or_notify_cancel()  # running from here: cancel() can no longer stop it
         cls._running[path] = up
         up._thread.start()
         target.owner = up
         return up
 
     def _run(self) -> None:
+        result, error = None, None
         try:
-            self.result = upload(hf_api(), self.path, self.repo_id)
-        except BaseException as e:
-            from .comm import describe_error
-            from .errors import SaveError
-
-            self.error = SaveError(f"{self.path} is saved and complete, but pushing it to {self.repo_id} "
-                                   f"failed on rank 0: {describe_error(e)}")
-            self.error.__cause__ = e
-            log.error("%s", self.error)
-        finally:
-            self.target.release()
-            Upload._running.pop(self.path, None)
-
-    def done(self) -> bool:
-        return not self._thread.is_alive()
+            try:
+                result = upload(hf_api(), self.path, self.repo_id)
+            except BaseException as e:
+                error = _upload_error(self.path, self.repo_id, e)
+                log.error("%s", error)
+            finally:  # before the future completes: whoever waited may save into path at once
+                self.target.release()
+                Upload._running.pop(self.path, None)
+        finally:  # completed even if releasing the lock failed: nobody waits forever
+            if error is not None:
+                self.set_exception(error)
+            else:
+                self.set_result(result)
 
     def wait(self, timeout: float | None = None):
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"the upload of {self.path} to {self.repo_id} is still running")
-        if self.error is not None:
-            raise self.error
-        return self.result
+        """The CommitInfo; raises the upload's SaveError, or TimeoutError if it still runs."""
+        try:
+            return self.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"the upload of {self.path} to {self.repo_id} is still running") from None
 
     @classmethod
     def wait_for(cls, path: str) -> None:
@@ -143,4 +167,14 @@ class Upload:
         error, if any, was logged and belongs to its own handle)."""
         up = cls._running.get(path)
         if up is not None:
-            up._thread.join()
+            concurrent.futures.wait([up])
+
+
+def _upload_error(path: str, repo_id: str, e: BaseException) -> Exception:
+    from .comm import describe_error
+    from .errors import SaveError
+
+    error = SaveError(f"{path} is saved and complete, but pushing it to {repo_id} failed on rank 0: "
+                      f"{describe_error(e)}")
+    error.__cause__ = e
+    return error

@@ -10,11 +10,14 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from itertools import product
+from typing import Mapping, Sequence
 
 import torch
 
+from .torch_compat import local_shape_and_offset, strided_shard_type
+
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offset, shape) in the global tensor
-Tiling = tuple[dict[int, Box], ...]  # per layout of a tensor: group rank -> the box it holds
+Tiling = Sequence[Mapping[int, Box]]  # per layout (replica group) of a tensor: group rank -> its box
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,11 @@ class Layout:
 
 def is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "placements") and hasattr(t, "device_mesh") and hasattr(t, "to_local")
+
+
+def is_nonempty(box: Box | None) -> bool:
+    """Whether a box holds any element (an uneven shard can be empty; None is no box)."""
+    return box is not None and all(s > 0 for s in box[1])
 
 
 def layout_of(name: str, t: torch.Tensor) -> Layout | None:
@@ -62,14 +70,8 @@ def _whole_value_placements() -> tuple[type, ...]:
     """Placements whose pieces hold plain values (Partial ones hold addends)."""
     from torch.distributed.tensor import Replicate, Shard
 
-    out: tuple[type, ...] = (Shard, Replicate)
-    try:  # FSDP2 on top of tensor parallel shards the same dim "right to left"
-        from torch.distributed.tensor.placement_types import _StridedShard
-
-        out += (_StridedShard,)
-    except ImportError:
-        pass
-    return out
+    strided = strided_shard_type()  # FSDP2 on top of tensor parallel shards the same dim "right to left"
+    return (Shard, Replicate) + ((strided,) if strided is not None else ())
 
 
 def rank_boxes(shape: tuple[int, ...], *layouts: Layout) -> dict[int, Box]:
@@ -79,16 +81,12 @@ def rank_boxes(shape: tuple[int, ...], *layouts: Layout) -> dict[int, Box]:
 
 @functools.lru_cache(maxsize=4096)  # a model repeats a few shapes and layouts in every layer
 def _rank_boxes(shape: tuple[int, ...], layouts: tuple[Layout, ...]) -> tuple[tuple[int, Box], ...]:
-    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
-
     out: dict[int, Box] = {}
     for layout in layouts:
         coords = product(*(range(n) for n in layout.mesh_shape))
         for rank, coord in zip(layout.mesh_ranks, coords):
-            local_shape, offset = _compute_local_shape_and_global_offset(
-                shape, layout.mesh_shape, list(coord), list(layout.placements)
-            )
-            out[rank] = (tuple(int(o) for o in offset), tuple(int(s) for s in local_shape))
+            local_shape, offset = local_shape_and_offset(shape, layout.mesh_shape, coord, layout.placements)
+            out[rank] = (offset, local_shape)
     return tuple(out.items())
 
 
@@ -98,7 +96,7 @@ def check_tiling(name: str, shape: tuple[int, ...], layout: Layout, boxes: dict[
     DTensor's Shard/Replicate layouts always do; a layout whose local pieces are not boxes
     (e.g. a strided shard that interleaves rows) does not, and would be saved wrong.
     """
-    distinct = {b for b in boxes.values() if all(s > 0 for s in b[1])}
+    distinct = {b for b in boxes.values() if is_nonempty(b)}
     if not distinct:
         return
     cells = 1

@@ -13,11 +13,12 @@ import warnings
 import torch
 
 from .errors import CheckpointError
+from .reader import TensorEntry, WeightsFile
 
 log = logging.getLogger("dist_saver")
 
 
-class LegacyFile:
+class LegacyFile(WeightsFile):
     """One torch.save'd state dict, with ShardFile's reading interface."""
 
     def __init__(self, path: str):
@@ -40,26 +41,19 @@ class LegacyFile:
                 "save that dict on its own to load or convert it")
         if skipped:
             log.warning("%s: skipping %d non-tensor entries: %s", path, len(skipped), skipped[:10])
-        self._order = {name: i for i, name in enumerate(self.tensors)}
 
     def close(self) -> None:
         self.tensors = {}
 
-    def __enter__(self) -> "LegacyFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...], int]:
-        """(dtype, shape, position): the position orders tensors as the file lists them."""
+    def info(self, name: str) -> TensorEntry:
+        """(dtype, shape, None): a zip archive's storages have no file offset we read from."""
         t = self.tensors.get(name)
         if t is None:
             raise CheckpointError(f"{self.path}: no tensor {name!r} in this file")
-        return t.dtype, tuple(t.shape), self._order[name]
+        return TensorEntry(t.dtype, tuple(t.shape), None)
 
     def ties(self) -> dict[str, str]:
         """{name: first name} for entries that are the same tensor (torch.save keeps tied
@@ -78,18 +72,12 @@ class LegacyFile:
 
     def read_into(self, name: str, out: torch.Tensor, box: tuple | None = None, staging=None) -> int:
         """Copy the box (offset, shape) of tensor `name` (default all) into out; returns bytes."""
-        dtype, shape, _ = self.info(name)
-        offset, bshape = box if box is not None else ((0,) * len(shape), shape)
-        if out.dtype != dtype or tuple(out.shape) != tuple(bshape):
-            raise CheckpointError(
-                f"{self.path}: cannot read {name!r} box {list(bshape)} {dtype} into {out.dtype}{list(out.shape)}"
-            )
+        _, offset, bshape = self._box(name, out, box)
         src = self.tensors[name][tuple(slice(o, o + s) for o, s in zip(offset, bshape))]
         with torch.no_grad():
             out.copy_(src)
-        n = out.numel() * dtype.itemsize
-        self.bytes_read += n
-        return n
+        self.bytes_read += out.nbytes
+        return out.nbytes
 
 
 class _NotMappable(Exception):

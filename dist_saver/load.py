@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import warnings
@@ -15,7 +14,8 @@ import torch
 from . import format as fmt
 from .comm import Comm, describe_error, raise_if_failed
 from .errors import CheckpointError, DistSaverWarning
-from .layout import layout_of
+from .layout import is_nonempty, layout_of, rank_boxes
+from .format import nbytes
 from .progress import Progress
 from .reader import open_weights
 from .state import alias_key, as_state_dict
@@ -29,15 +29,29 @@ log = logging.getLogger("dist_saver")
 
 @dataclass
 class LoadResult:
+    """What dist_load did on this rank (returned by it; the figures are this rank's own).
+
+    Attributes:
+        path: the checkpoint directory loaded.
+        loaded: the target names filled (tied names included).
+        files_opened: the shard files this rank opened to read (a file once per opening).
+        bytes_read: the tensor bytes this rank read from the files.
+        bytes_verified: with verify=True, the bytes of the recorded checksum ranges checked.
+        seconds: this rank's wall time in dist_load.
+        train_state: what dist_save(..., train_state=) saved (None if nothing).
+        missing: with strict=False, target names the checkpoint lacks (left as they were).
+        unexpected: with strict=False, checkpoint names the target lacks (not read).
+    """
+
     path: str
-    loaded: list[str] = field(default_factory=list)  # target names filled
+    loaded: list[str] = field(default_factory=list)
     files_opened: list[str] = field(default_factory=list)
     bytes_read: int = 0
-    bytes_verified: int = 0  # with verify=True: the bytes of the recorded ranges checked
+    bytes_verified: int = 0
     seconds: float = 0.0
-    train_state: object = None  # what dist_save(..., train_state=) saved, if anything
-    missing: list[str] = field(default_factory=list)  # target names the checkpoint lacks (left as they were)
-    unexpected: list[str] = field(default_factory=list)  # checkpoint names the target lacks (not read)
+    train_state: object = None
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
 
 
 def _resolve(index: fmt.CheckpointIndex, name: str) -> str | None:
@@ -63,9 +77,18 @@ def open_shard(index: fmt.CheckpointIndex, file: str):
 
 
 def load_state_dict(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Read a Hugging Face checkpoint (ours or any tool's) into a dict of CPU tensors.
+    """Read a Hugging Face checkpoint (ours or any tool's) into a dict of CPU tensors, on one process.
 
-    names: only these (aliases included); default all. Tied names share one tensor, as saved.
+    Args:
+        path: the checkpoint directory (sharded index, single model.safetensors, or legacy .bin).
+        names: only these tensors (tied names included); default all.
+
+    Returns:
+        {name: CPU tensor}; tied names share one tensor, as saved.
+
+    Raises:
+        CheckpointError: a name is not in the checkpoint, or the index or a shard file is
+            missing, malformed or truncated.
     """
     index = fmt.read_index(os.fspath(path))
     wanted = list(names) if names is not None else list(index.weight_map) + list(index.aliases)
@@ -98,31 +121,48 @@ def dist_load(
 ) -> LoadResult:
     """Fill the model's (or state dict's) tensors in place from the checkpoint at path.
 
-    Each rank opens only the files holding its own tensors and, for DTensor targets (FSDP2, TP,
-    2-D), reads only its shard's byte ranges. Shards split by columns (rowwise TP, 2-D), which
-    are not one run of the file, are read once per group: the ranks needing a tensor each read
-    a disjoint band of its rows and hand each other the column pieces (bounded buckets, one
-    all_to_all per round). CUDA targets are filled through two reused pinned buffers, the copy
-    of one block to the device overlapping the read of the next. With strict, names the checkpoint lacks or has in
-    excess raise CheckpointError; shape or dtype mismatches always do, checked for every tensor
-    before any is read. If a process group is initialised, an error on any rank is raised on
-    every rank. The result lists what a strict=False load left out: `missing` (target names not in
-    the checkpoint, left untouched) and `unexpected` (checkpoint names the target lacks).
-    verify=True first checks the recorded checksums of the byte ranges covering what this rank
-    reads (its shard, not the whole file, for checkpoints written by several ranks per file),
-    all of them before anything is read.
-    progress: a tqdm bar on rank 0 of the bytes read by all ranks (None: when stderr is a terminal
-    and the load takes over 2 s; True; False).
+    Collective when a process group is initialised: every rank of it (or of process_group) calls
+    it. Each rank opens only the files holding its own tensors and, for DTensor targets (FSDP2,
+    TP, 2-D), reads only its shard's byte ranges. Shards split by columns (rowwise TP, 2-D), which
+    are not one run of the file, are read once per group: the ranks needing a tensor each read a
+    disjoint band of its rows and hand each other the column pieces (bounded buckets, one
+    all_to_all per round). CUDA targets are filled through two reused pinned buffers, the copy of
+    one block to the device overlapping the read of the next. Shapes and dtypes (and checksums,
+    with verify) are checked for every tensor on every rank before any is read.
 
-    Resuming (a checkpoint saved with optimizer=/train_state=): optimizer (over the model's
-    parameters; pass the model itself) gets its saved state, resharded to its own layout; names,
-    shapes, param_groups (and, with verify, checksums) are checked on every rank before anything
-    (weights included) is read, so a mismatch leaves model and optimizer as they were; the
-    optimizer takes its new state only once every rank has read everything (state tensors are
-    read in place: an I/O error mid-read leaves them undefined, as it does the weights).
-    result.train_state is what was saved.
-    restore_rng (default: when optimizer is given) sets every rank's torch RNG state to the one
-    it had at the save, if the world size is the same (a warning says why not otherwise).
+    Args:
+        model_or_state_dict: an nn.Module or a mapping of name -> tensor (plain or DTensor),
+            filled in place.
+        path: the checkpoint directory (ours or any Hugging Face one).
+        strict: names the checkpoint lacks or has in excess raise; with False the overlap is
+            loaded and the rest listed in the result.
+        process_group: the group loading (default: the world's, if initialised).
+        verify: first check the recorded checksums of the byte ranges covering what this rank
+            reads (its shard, not the whole file, for files written by several ranks).
+        progress: a tqdm bar on rank 0 of the bytes read by all ranks (None: when stderr is a
+            terminal and the load takes over 2 s; True; False).
+        optimizer: resume a checkpoint saved with optimizer=/train_state=: this optimizer, over
+            the model's parameters (pass the model itself), gets its saved state resharded to
+            its own layout. Its names, shapes and param_groups are checked on every rank before
+            anything (weights included) is read, so a mismatch leaves model and optimizer as
+            they were; it takes its new state only once every rank has read everything (state
+            tensors are read in place: an I/O error mid-read leaves them undefined, as it does
+            the weights).
+        restore_rng: set every rank's torch RNG state to the one it had at the save, if the
+            world size is the same (otherwise a DistSaverWarning says why not); default: when
+            optimizer is given.
+
+    Returns:
+        LoadResult: this rank's figures; result.train_state is what was saved, and with
+        strict=False result.missing / result.unexpected list what was left out.
+
+    Raises:
+        CheckpointError: the checkpoint is missing, damaged, fails verify, or does not match
+            the target (names with strict; shapes and dtypes always). With a process group an
+            error on any rank is raised on every rank, as a CheckpointError naming the ranks.
+        TypeError: a target entry is not a tensor, or optimizer= is given with a state dict.
+        ValueError: a DTensor target has a layout that cannot be loaded (e.g. Partial).
+        CollectiveError: a collective broke (another rank died or timed out).
     """
     t0 = time.perf_counter()
     path = os.fspath(path)
@@ -257,7 +297,7 @@ class _Reads:
                            layout_of(stored, t)) for stored, t in sorted(self.columns.items())]
 
     def nbytes(self) -> int:
-        return sum(math.prod(t.shape if box is None else box[1]) * t.dtype.itemsize
+        return sum(nbytes(t.shape if box is None else box[1], t.dtype)
                    for entries in self.reads.values() for _, t, box in entries)
 
     def _direct(self, stored: str) -> list:
@@ -305,7 +345,7 @@ class _Reads:
                             with torch.no_grad():
                                 result.bytes_read += f.read_into(stored, local.detach(), box, staging)
                             if progress is not None:
-                                progress.add(local.numel() * local.element_size())
+                                progress.add(nbytes(local.shape, local.dtype))
         finally:
             staging.finish()  # every copy to the device done before the targets are used
 
@@ -334,7 +374,7 @@ def _plan_reads(targets, index: fmt.CheckpointIndex, strict: bool, result: LoadR
         name, stored = resolved[0]
         target = targets[name]
         box = _own_box(name, target)
-        if box is None or all(s > 0 for s in box[1]):  # an empty shard needs no file
+        if box is None or is_nonempty(box):  # an empty shard needs no file
             reads.setdefault(stored, []).append((name, target, box))
         for other, found in resolved[1:]:
             if found != stored:
@@ -419,16 +459,15 @@ def _span(info: tuple, box) -> tuple[int, int]:
     """The file bytes from the first to the last row of a box (all of the tensor for None)."""
     dtype, shape, start = info
     if box is None or not shape:
-        return start, start + max(1, dtype.itemsize * math.prod(shape))
-    row = dtype.itemsize * math.prod(shape[1:])
+        return start, start + max(1, nbytes(shape, dtype))
+    row = nbytes(shape[1:], dtype)
     return start + box[0][0] * row, start + (box[0][0] + box[1][0]) * row
 
 
 def _own_box(name: str, target: torch.Tensor):
     """None for a plain tensor; for a DTensor, the (offset, shape) box this rank holds."""
-    if layout_of(name, target) is None:  # also rejects layouts that cannot be loaded
+    layout = layout_of(name, target)  # also rejects layouts that cannot be loaded
+    if layout is None:
         return None
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
-    return tuple(offset), tuple(shape)
+    # the layout code the save uses (layout_of checked that it matches the local piece)
+    return rank_boxes(tuple(target.shape), layout)[torch.distributed.get_rank()]

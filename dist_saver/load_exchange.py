@@ -10,7 +10,6 @@ gathered descriptions (tensor, file, shape, dtype, layout), so no sizes travel.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, NamedTuple
@@ -20,10 +19,11 @@ import torch
 from . import format as fmt
 from .errors import SaveError
 from .buffers import scratch
-from .layout import Box, Layout, group_boxes, merged
+from .exchange import padded, padded_sizes
+from .layout import Box, Layout, group_boxes, is_nonempty, merged
+from .format import nbytes
 
 DEFAULT_BUCKET_BYTES = 16 << 20
-_ALIGN = 16  # pieces start at this alignment in the send/receive buffers, for any dtype's view
 
 
 @dataclass(frozen=True)
@@ -79,11 +79,11 @@ def make_schedule(reads: Mapping[tuple, tuple[ColumnRead, ...]], group_rank: Cal
         layouts = tuple(sorted({x.layout for x in descs}, key=repr))
         boxes = merged(group_boxes(repr(key[1]), d.shape, layouts, group_rank))
         sched.boxes[key] = boxes
-        needs = {r: b for r, b in boxes.items() if all(s > 0 for s in b[1])}
+        needs = {r: b for r, b in boxes.items() if is_nonempty(b)}
         if not needs or not d.shape:
             continue
         item = fmt.itemsize(d.dtype)
-        row = item * math.prod(d.shape[1:])
+        row = nbytes(d.shape[1:], item)
         spans: dict[tuple[int, int], list] = defaultdict(list)  # row range -> the (rank, box) needing it
         for r, box in sorted(needs.items()):
             spans[(box[0][0], box[0][0] + box[1][0])].append((r, box))
@@ -101,12 +101,12 @@ def make_schedule(reads: Mapping[tuple, tuple[ColumnRead, ...]], group_rank: Cal
                 step = max(1, bucket_bytes // row) if row else hi - lo
                 for c_lo in range(lo, hi, step):
                     c_hi = min(hi, c_lo + step)
-                    nbytes = (c_hi - c_lo) * row
-                    if used[reader] and used[reader] + nbytes > bucket_bytes:
+                    size = (c_hi - c_lo) * row
+                    if used[reader] and used[reader] + size > bucket_bytes:
                         bucket[reader], used[reader] = bucket[reader] + 1, 0
-                    used[reader] += nbytes
+                    used[reader] += size
                     pieces = tuple(_piece(dst, box, c_lo, c_hi, item) for dst, box in band)
-                    sched.chunks.append(Chunk(key, reader, (c_lo, c_hi), nbytes, pieces, bucket[reader]))
+                    sched.chunks.append(Chunk(key, reader, (c_lo, c_hi), size, pieces, bucket[reader]))
     sched.rounds = max((bucket[r] + 1 for r in used if used[r]), default=0)
     return sched
 
@@ -115,11 +115,7 @@ def _piece(dst: int, box: Box, lo: int, hi: int, item: int) -> Piece:
     off, shp = box
     a, b = max(lo, off[0]), min(hi, off[0] + shp[0])
     shape = (b - a,) + tuple(shp[1:])
-    return Piece(dst, (a,) + tuple(off[1:]), shape, item * math.prod(shape))
-
-
-def _padded(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
+    return Piece(dst, (a,) + tuple(off[1:]), shape, nbytes(shape, item))
 
 
 class ColumnLoader:
@@ -173,14 +169,9 @@ class ColumnLoader:
 
     def _round(self, k: int, work: bool) -> None:
         world = self.comm.world_size
-        send_sizes = [0] * world
-        for c in self.mine[k]:
-            for p in c.pieces:
-                if p.dst != self.rank:
-                    send_sizes[p.dst] += _padded(p.nbytes)
-        recv_sizes = [0] * world
-        for src, _, p in self.recv[k]:
-            recv_sizes[src] += _padded(p.nbytes)
+        send_sizes = padded_sizes(world, ((p.dst, p.nbytes) for c in self.mine[k] for p in c.pieces
+                                          if p.dst != self.rank))
+        recv_sizes = padded_sizes(world, ((src, p.nbytes) for src, _, p in self.recv[k]))
         send = self._buffer("send", sum(send_sizes))
         error = None
         if work:
@@ -198,7 +189,7 @@ class ColumnLoader:
         for _, key, p in self.recv[k]:
             dtype = self.targets[key].dtype
             self._into_target(key, p, recv[pos : pos + p.nbytes].view(dtype).view(p.shape))
-            pos += _padded(p.nbytes)
+            pos += padded(p.nbytes)
         if self.pin:  # the next round's all_to_all reuses the receive buffer
             torch.cuda.synchronize()
 
@@ -222,4 +213,4 @@ class ColumnLoader:
                 else:
                     at = starts[p.dst]
                     send[at : at + p.nbytes].view(dtype).view(p.shape).copy_(rows[index])
-                    starts[p.dst] += _padded(p.nbytes)
+                    starts[p.dst] += padded(p.nbytes)

@@ -1,4 +1,5 @@
-"""Peak resident memory of this process over a block of code (psutil, sampled in a thread)."""
+"""Host memory, through psutil: what is available now (an async save's snapshot is checked
+against it) and the peak resident memory over a block of code (tests and benchmarks)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,18 @@ import threading
 import psutil
 
 
+def available_bytes() -> int:
+    """Bytes of host memory available to new allocations without swapping:
+    psutil.virtual_memory().available (on Linux, MemAvailable: free memory plus reclaimable cache)."""
+    return psutil.virtual_memory().available
+
+
 class PeakRSS:
-    """with PeakRSS() as m: ...; then m.base, m.peak and m.extra (peak - base), in bytes."""
+    """with PeakRSS() as m: ...; then m.base, m.peak and m.extra (peak - base), in bytes.
+
+    Args:
+        interval: seconds between samples of the resident set size (a thread samples it).
+    """
 
     def __init__(self, interval: float = 0.0005):
         self.interval = interval
@@ -19,6 +30,7 @@ class PeakRSS:
 
     @property
     def extra(self) -> int:
+        """Bytes the block added at its peak: peak - base (0 if it freed more than it took)."""
         return max(0, self.peak - self.base)
 
     def _run(self) -> None:

@@ -20,6 +20,7 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 
 from . import format as fmt
 from .errors import PlanError
+from .layout import Box, Tiling, is_nonempty, merged
 from .state import TensorMeta
 
 
@@ -33,10 +34,6 @@ class TensorInfo(NamedTuple):
     # Ranks that hold the whole tensor, when only some do (e.g. pipeline stages); None: any rank
     # may own it (every rank holds it, or it is sharded and gets assembled on its owner).
     holders: tuple[int, ...] | None = None
-
-
-Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offset, shape) of a piece in the global tensor
-Tiling = Sequence[Mapping[int, Box]]  # per layout (replica group) of a tensor: rank -> its box
 
 
 class Segment(NamedTuple):
@@ -318,7 +315,7 @@ def _segments(entry: fmt.HeaderEntry, owner: int, tiling: Tiling | None, load: l
     if tiling is None:  # held whole by its owner
         load[owner] += nbytes
         return [Segment(entry.name, 0, rows, entry.begin, entry.end, owner, False)]
-    boxes = {r: b for t in tiling for r, b in t.items()}  # the layouts' ranks are disjoint
+    boxes = merged(tiling)
     full = ((0,) * len(shape), tuple(shape))
     whole = [r for r, b in boxes.items() if b == full]
     if whole:  # replicated: its owner writes it if it holds it, else the least loaded holder
@@ -328,7 +325,7 @@ def _segments(entry: fmt.HeaderEntry, owner: int, tiling: Tiling | None, load: l
     row_bytes = nbytes // rows
     holders: dict[Box, list[int]] = {}
     for r, b in sorted(boxes.items()):
-        if all(s > 0 for s in b[1]):
+        if is_nonempty(b):
             holders.setdefault(b, []).append(r)
     cuts = sorted({0, rows} | {c for off, shp in holders for c in (off[0], off[0] + shp[0])})
     # The boxes over each band between consecutive cuts (a box spans the bands from its first row

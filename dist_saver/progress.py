@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 
-from .comm import default_store
+from .torch_compat import default_store
 
 log = logging.getLogger("dist_saver")
 

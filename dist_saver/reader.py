@@ -9,10 +9,11 @@ contiguous CPU target is filled without an intermediate copy.
 
 from __future__ import annotations
 
+import abc
 import itertools
 import math
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -21,7 +22,66 @@ from .errors import CheckpointError
 from .buffers import StagingBuffer, as_bytes
 
 
-def open_weights(path: str):
+class TensorEntry(NamedTuple):
+    """What a weights file says of one tensor (WeightsFile.info)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    # Absolute file offset of the tensor's first data byte (ShardFile); None where the file has
+    # no flat data region to address (LegacyFile: a zip archive of storages).
+    offset: int | None
+
+
+class WeightsFile(abc.ABC):
+    """The reading interface of one open weights file, whatever its format: what it holds, and
+    boxes of its tensors read into tensors the caller owns. A context manager (close() on exit).
+
+    Subclasses set path, and count the bytes they read in bytes_read.
+    """
+
+    path: str
+    bytes_read: int
+
+    @abc.abstractmethod
+    def names(self) -> list[str]:
+        """The tensors' names, in the order the file lists them."""
+
+    @abc.abstractmethod
+    def ties(self) -> dict[str, str]:
+        """{name: first name} for entries that are one tensor stored under two names."""
+
+    @abc.abstractmethod
+    def info(self, name: str) -> TensorEntry:
+        """(dtype, shape, offset) of a tensor; CheckpointError if the file has no such tensor."""
+
+    @abc.abstractmethod
+    def read_into(self, name: str, out: torch.Tensor, box: tuple | None = None,
+                  staging: StagingBuffer | None = None) -> int:
+        """Fill out with the box (offset, shape) of tensor name (default: all of it); returns the
+        bytes read. CheckpointError if out's dtype or shape is not the box's."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the file (descriptors, maps); the object is not used after."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _box(self, name: str, out: torch.Tensor, box: tuple | None) -> tuple[TensorEntry, tuple, tuple]:
+        """(entry, box offset, box shape) of a read_into call, the box defaulting to the whole
+        tensor, once out is checked to be the box's dtype and shape."""
+        entry = self.info(name)
+        offset, bshape = box if box is not None else ((0,) * len(entry.shape), entry.shape)
+        if out.dtype != entry.dtype or tuple(out.shape) != tuple(bshape):
+            raise CheckpointError(f"{self.path}: cannot read {name!r} box {list(bshape)} {entry.dtype} "
+                                  f"into {out.dtype}{list(out.shape)}")
+        return entry, tuple(offset), tuple(bshape)
+
+
+def open_weights(path: str) -> WeightsFile:
     """A reader for one weights file: ShardFile for safetensors, LegacyFile for torch.save'd ones."""
     if fmt.is_legacy_file(path):
         from .legacy import LegacyFile
@@ -30,7 +90,7 @@ def open_weights(path: str):
     return ShardFile(path)
 
 
-class ShardFile:
+class ShardFile(WeightsFile):
     """One open safetensors file: its validated header and positioned reads into tensors."""
 
     def __init__(self, path: str):
@@ -55,7 +115,7 @@ class ShardFile:
         for name, entry in self.header.items():
             if name != "__metadata__":
                 self._entries[name] = _parse_entry(self.path, name, entry)
-        spans = sorted((begin, begin + dtype.itemsize * math.prod(shape), name)
+        spans = sorted((begin, begin + fmt.nbytes(shape, dtype), name)
                        for name, (dtype, shape, begin) in self._entries.items())
         data = self.size - self.data_start
         pos, prev = 0, None
@@ -77,12 +137,6 @@ class ShardFile:
     def close(self) -> None:
         os.close(self.fd)
 
-    def __enter__(self) -> "ShardFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def names(self) -> list[str]:
         return [k for k in self.header if k != "__metadata__"]
 
@@ -90,13 +144,13 @@ class ShardFile:
         """Entries that are one tensor: none, since no two entries may share bytes (checked)."""
         return {}
 
-    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...], int]:
+    def info(self, name: str) -> TensorEntry:
         """(dtype, shape, absolute file offset) of a tensor (checked against the file on opening)."""
         found = self._entries.get(name)
         if found is None:
             raise CheckpointError(f"{self.path}: no tensor {name!r} in this file")
         dtype, shape, begin = found
-        return dtype, shape, self.data_start + begin
+        return TensorEntry(dtype, shape, self.data_start + begin)
 
     def read_into(self, name: str, out: torch.Tensor, box: tuple | None = None,
                   staging: StagingBuffer | None = None) -> int:
@@ -107,21 +161,16 @@ class ShardFile:
         the device overlapping the read of the next; the caller calls staging.finish() before
         using out). Returns the bytes read.
         """
-        dtype, shape, start = self.info(name)
-        offset, bshape = box if box is not None else ((0,) * len(shape), shape)
-        if out.dtype != dtype or tuple(out.shape) != tuple(bshape):
-            raise CheckpointError(
-                f"{self.path}: cannot read {name!r} box {list(bshape)} {dtype} into {out.dtype}{list(out.shape)}"
-            )
+        (dtype, shape, start), offset, bshape = self._box(name, out, box)
         if out.numel() == 0:
             return 0
         if staging is None:
             staging = StagingBuffer()
             try:
-                return self._read_box(out, start, tuple(offset), tuple(bshape), shape, dtype, staging)
+                return self._read_box(out, start, offset, bshape, shape, dtype, staging)
             finally:
                 staging.finish()
-        return self._read_box(out, start, tuple(offset), tuple(bshape), shape, dtype, staging)
+        return self._read_box(out, start, offset, bshape, shape, dtype, staging)
 
     def _pread(self, view: memoryview, offset: int) -> None:
         """Fill view with the file's bytes at offset: every read of this file goes through here."""
@@ -130,12 +179,8 @@ class ShardFile:
             raise CheckpointError(f"{self.path}: file is truncated (short read at byte {offset})")
 
     def _read_box(self, dst, start, off, bshape, shape, dtype, staging) -> int:
-        nbytes = dtype.itemsize
-        for s in bshape:
-            nbytes *= s
-        row = dtype.itemsize
-        for s in shape[1:]:
-            row *= s
+        nbytes = fmt.nbytes(bshape, dtype)
+        row = fmt.nbytes(shape[1:], dtype)
         if shape and _run_length(shape, off, bshape, dtype.itemsize) < SMALL_RUN and row <= staging.nbytes:
             return self._read_whole_rows(dst, start, off, bshape, shape, dtype, staging, row)
         if (dst.device.type == "cpu" and dst.is_contiguous()) or nbytes <= staging.nbytes:
@@ -175,8 +220,7 @@ class ShardFile:
             target = dst
         else:
             buf = staging.get(pinned=dst.device.type == "cuda")
-            nbytes = dtype.itemsize * max(1, dst.numel())
-            target = buf[:nbytes].view(dtype).view(dst.shape)
+            target = buf[: max(1, dst.numel()) * dtype.itemsize].view(dtype).view(dst.shape)
         view = as_bytes(target)
         pos = 0
         for file_offset, length in _runs(shape, off, bshape, dtype.itemsize):
@@ -204,12 +248,12 @@ def _parse_entry(path: str, name: str, entry) -> tuple[torch.dtype, tuple[int, .
     if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
         raise CheckpointError(f"{where}: field shape {fmt.short_repr(shape)} is not a list of non-negative integers")
     # torch sizes and strides are int64, even for an empty tensor: [2**40, 2**40, 0] is refused too
-    if math.prod(max(1, s) for s in shape) * dtype.itemsize >= 2**63:
+    if fmt.nbytes([max(1, s) for s in shape], dtype) >= 2**63:
         raise CheckpointError(f"{where}: field shape {fmt.short_repr(shape)} is too large for any tensor")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)):
         raise CheckpointError(f"{where}: field data_offsets {fmt.short_repr(offsets)} is not [begin, end]")
     begin, end = offsets
-    n = dtype.itemsize * math.prod(shape)
+    n = fmt.nbytes(shape, dtype)
     if end - begin != n:
         raise CheckpointError(f"{where} ({code}{shape}, {n} bytes) has data offsets [{begin}, {end}] that do "
                               "not fit it")
@@ -224,14 +268,18 @@ def _is_count(value) -> bool:
 SMALL_RUN = 64 << 10
 
 
-def _run_length(shape, offset, bshape, item) -> int:
+def _run_dim(shape, offset, bshape, item) -> tuple[int, int]:
+    """(k, step): each contiguous run of the box is bshape[k] steps of `step` bytes along dim k,
+    the last dim (0 at least) that the box does not cover fully; the dims after it merge in."""
     k = len(shape) - 1
     while k > 0 and offset[k] == 0 and bshape[k] == shape[k]:
         k -= 1
-    n = item * bshape[k]
-    for s in shape[k + 1 :]:
-        n *= s
-    return n if k > 0 else 1 << 62  # a range of whole rows is one run however short
+    return k, item * math.prod(shape[k + 1 :])
+
+
+def _run_length(shape, offset, bshape, item) -> int:
+    k, step = _run_dim(shape, offset, bshape, item)
+    return bshape[k] * step if k > 0 else 1 << 62  # a range of whole rows is one run however short
 
 
 def _runs(shape: Sequence[int], offset: Sequence[int], bshape: Sequence[int], item: int):
@@ -239,13 +287,7 @@ def _runs(shape: Sequence[int], offset: Sequence[int], bshape: Sequence[int], it
     if not shape:
         yield 0, item
         return
-    # Trailing dims the box covers fully merge into each run, with the first partial dim before them.
-    k = len(shape) - 1
-    while k > 0 and offset[k] == 0 and bshape[k] == shape[k]:
-        k -= 1
-    inner = item
-    for s in shape[k + 1 :]:
-        inner *= s
+    k, inner = _run_dim(shape, offset, bshape, item)
     strides = [0] * len(shape)
     acc = item
     for d in range(len(shape) - 1, -1, -1):

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from . import format as fmt
-from .comm import Comm, describe_error, raise_if_failed, save_group
+from .comm import Comm, describe_error, save_group
 from .errors import CollectiveError, DistSaverWarning, SaveError
 from .commit import Target, WrittenFile, check_written, write_index, written_files
 from .hf import extra_files
@@ -21,7 +21,7 @@ from .layout import group_boxes
 from .plan import Plan, make_plan, merge_metadata
 from .progress import Progress
 from .share import create_files, write_share
-from .snapshot import snapshot
+from .snapshot import check_snapshot_fits, snapshot
 from .state import collect
 from .training import PREFIX as OPTIM_PREFIX, encode_train_state, optimizer_tensors, rng_state, train_state_document
 from .async_save import AsyncSave, wait_for_pending_save
@@ -32,7 +32,17 @@ log = logging.getLogger("dist_saver")
 
 @dataclass
 class SaveResult:
-    """What a save wrote, the same on every rank (except `rank`)."""
+    """What a save wrote, the same on every rank (except `rank`); dist_save returns it.
+
+    Attributes:
+        path: the checkpoint directory. rank, world_size: this rank and the group's size.
+        files: every file (WrittenFile), with the ranges each rank wrote.
+        total_bytes: tensor data bytes in the checkpoint. seconds: the save's wall time.
+        index_path: path's model.safetensors.index.json. plan: the plan every rank followed.
+        upload: on rank 0 with push_to_hub, the hub.Upload; else None.
+        bytes_sent, bytes_written: by rank, the bytes it sent through the exchange and wrote.
+        warning: set (and logged) when the checkpoint was published but a rank failed afterwards.
+    """
 
     path: str
     rank: int
@@ -55,6 +65,7 @@ class SaveResult:
 
     @property
     def gb_per_s(self) -> float:
+        """total_bytes / seconds in GB/s (10^9 bytes); inf for a save that took no time."""
         return self.total_bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
 
 
@@ -95,83 +106,93 @@ def dist_save(
     without being the same view (e.g. a fused qkv weight and a slice of it) are each saved in full
     and load back as separate tensors; a DistSaverWarning names them.
 
-    async_save: return an AsyncSave handle as soon as this rank's tensors are copied to host
-    memory; writing and the commit go on in a background thread, with their collectives on a
-    gloo group of their own. handle.wait() returns the SaveResult or raises any rank's error.
-    A later save (sync or async) first waits for a pending one.
-
     Atomic: files are written into a staging directory beside path and published by renaming
-    directories, so path holds the previous complete checkpoint or the new one, never a mix.
-    overwrite=True is needed to replace an existing checkpoint. timeout (seconds) bounds every
-    collective of the save (they run on a gloo group of their own): if a rank dies, the others
-    raise within it instead of hanging (CollectiveError, a SaveError); a rank that never calls the
-    first save of a group is named after timeout. What a rank reports matches the disk: if a rank
-    dies after rank 0's publish, the survivors return the SaveResult with `warning` set (and
-    logged) naming the published checkpoint and the rank that failed; before it, they raise
-    saying path was not published. checksums: record the xxh3-64 of every byte range each rank
-    wrote (computed while writing) in the index, for verify(). Files are written through the page cache with their
-    writeback started as each buffer lands (the dirty tail bounded, then fsync);
-    direct_io=True writes with O_DIRECT instead (falling back where the filesystem refuses it).
-    Both were measured: buffered was as fast or faster on both machines we have (README).
+    directories, so path holds the previous complete checkpoint or the new one, never a mix. What
+    a rank reports matches the disk: if a rank dies after rank 0's publish, the survivors return
+    the SaveResult with `warning` set (and logged) naming the published checkpoint and the rank
+    that failed; before it, they raise saying path was not published.
 
-    tokenizer, processor: anything with save_pretrained (rank 0's are used; other ranks may pass
-    None): their files are taken at the call and published with the weights, in the same atomic
-    publish. push_to_hub="org/name": after the publish, rank 0 uploads the directory to that Hub
-    repo (huggingface_hub; see push_to_hub()) in a thread of its own; nobody waits for it:
-    result.upload.wait() on rank 0 returns the commit or raises the upload's SaveError (the
-    checkpoint on disk is complete either way).
+    Args:
+        model_or_state_dict: this rank's nn.Module (a transformers model, FSDP2/TP with DTensor
+            parameters, ...) or state dict of tensors.
+        path: the checkpoint directory.
+        max_shard_size: the largest file, in bytes or as "5GB" (10^9) / "512MiB" (2^20); None:
+            one file per rank that owns tensors.
+        process_group: the ranks that save together (None: the world).
+        bucket_size: bytes (or a size string) per writer per round of the column-piece exchange.
+        async_save: return an AsyncSave handle as soon as this rank's tensors are copied to host
+            memory; writing and the commit go on in a background thread, with their collectives
+            on a gloo group of their own. Refused up front (SaveError, on every rank, nothing
+            written) if a rank's copy would not fit in its available host memory. A later save
+            (sync or async) first waits for a pending one.
+        overwrite: replace an existing checkpoint at path (else SaveError).
+        timeout: seconds that bound every collective of the save (they run on a gloo group of
+            their own): if a rank dies, the others raise within it instead of hanging; a rank that
+            never calls the first save of a group is named after timeout.
+        checksums: record the xxh3-64 of every byte range each rank wrote (computed while
+            writing) in the index, for verify().
+        direct_io: write with O_DIRECT (falling back where the filesystem refuses it) instead of
+            through the page cache, whose writeback is started as each buffer lands (the dirty
+            tail bounded, then fsync). Buffered was as fast or faster on both machines we
+            measured (README).
+        tokenizer, processor: anything with save_pretrained (rank 0's are used; other ranks may
+            pass None): their files are taken at the call and published with the weights.
+        push_to_hub: "org/name": after the publish, rank 0 uploads the directory to that Hub repo
+            (huggingface_hub; see push_to_hub()) in a thread of its own; nobody waits for it.
+        progress: a tqdm bar on rank 0 of the bytes written by all ranks, in GB (None: when
+            stderr is a terminal, once the save has run 2 s, never for async saves; True: always;
+            False: never).
+        optimizer: for a checkpoint the job can resume from: an optimizer over the model's
+            parameters (pass the model itself). Its state, as PyTorch's get_optimizer_state_dict
+            gives it (DTensor states for sharded parameters), is saved by the same plan and
+            in-place writes as the weights, into optimizer-XXXXX-of-YYYYY.safetensors +
+            optimizer.safetensors.index.json (param_groups in its metadata).
+        train_state: rank 0's, JSON-serialisable (step, scheduler state, data position...); it and
+            every rank's torch RNG state go into train_state.json. All in the same atomic publish;
+            the model part stays a plain Hugging Face checkpoint.
 
-    progress: a tqdm bar on rank 0 of the bytes written by all ranks, in GB (None: when stderr is a
-    terminal, once the save has run 2 s, never for async saves; True: always; False: never).
+    Returns:
+        SaveResult, the same on every rank but for `rank` (rank 0's `upload` is a hub.Upload with
+        push_to_hub: its wait() returns the commit or raises the upload's SaveError; the
+        checkpoint on disk is complete either way). With async_save: an AsyncSave, whose wait()
+        returns the SaveResult or raises any rank's error.
 
-    optimizer, train_state: a checkpoint the job can resume from. optimizer (over the model's
-    parameters; pass the model itself) has its state taken as PyTorch's get_optimizer_state_dict
-    gives it (DTensor states for sharded parameters) and saved by the same plan and in-place writes
-    as the weights, into optimizer-XXXXX-of-YYYYY.safetensors + optimizer.safetensors.index.json
-    (param_groups in its metadata). train_state (rank 0's, JSON-serialisable: step, scheduler
-    state, data position...) and every rank's torch RNG state go into train_state.json. All in the
-    same atomic publish; the model part stays a plain Hugging Face checkpoint.
+    Raises:
+        SaveError: on every rank, if any rank failed; `failures` maps each failing rank to its
+            message and `stage` names the step ("writing /path"); path is left as it was.
+        CollectiveError (a SaveError): a collective broke (a rank died, hung past timeout, or
+            never called dist_save); raised on the ranks that saw it, `stage` naming the step.
+        PlanError: the ranks' tensors disagree (e.g. one name, different shapes), on every rank.
+        ValueError: a bad max_shard_size or bucket_size, or a process_group this rank is not in.
     """
     wait_for_pending_save()
     t0 = time.perf_counter()
     path = os.fspath(path)
     comm = Comm(save_group(process_group, timeout), timeout=timeout)
 
-    # 1. Describe local tensors (no communication yet; an error is shared in the first gather).
-    local, error, extra, training = None, None, {}, None
-    try:
-        if comm.rank == 0:  # taken now: an async save must not see later changes
-            extra = extra_files(model_or_state_dict, tokenizer, processor)
-        local = collect(model_or_state_dict)
-        if optimizer is not None or train_state is not None:
-            training = _training_part(model_or_state_dict, optimizer, train_state, local, comm.rank)
-        if local.overlaps:  # one warning per save, naming the first pairs
-            pairs = ", ".join(f"{a!r} and {b!r}" for a, b in local.overlaps[:5])
-            more = f" (and {len(local.overlaps) - 5} more pairs)" if len(local.overlaps) > 5 else ""
-            warnings.warn(
-                f"rank {comm.rank}: tensors {pairs}{more} overlap in memory (views of one storage) but are not "
-                "the same view; each is saved in full, so the shared bytes are stored twice and load back as "
-                "separate tensors (only identical views are saved once, as tied weights)",
-                DistSaverWarning, stacklevel=2)
-    except Exception as e:
-        error = e
+    # 1. Describe the local tensors and share the descriptions.
+    with comm.step("describing what to save (state dict, config, tokenizer)", result="distinct") as described:
+        local, extra, training = _describe(model_or_state_dict, tokenizer, processor, optimizer, train_state,
+                                           comm.rank)
+        described.value = (local.metas, local.aliases)
     opts = _Options(fmt.parse_size(max_shard_size), fmt.parse_size(bucket_size), overwrite, checksums, direct_io,
                     tuple(extra.items()), push_to_hub, False if async_save and progress is None else progress,
                     training)
+    # 2. The same plan on every rank (pure: a mismatch raises the same PlanError everywhere).
+    prep = _prepare(local, described.result, comm, opts)
     if not async_save:
-        prep = _prepare(local, error, comm, opts)
         return _write_and_commit(prep, path, comm, opts, t0)
-    # Plan now, so the snapshot holds only what this rank writes or sends: under DDP that is
-    # 1/N of the model, not all of it. The save's gloo group keeps its collectives apart from
-    # the training's.
-    prep = _prepare(local, error, comm, opts)
-    error = None
-    try:
-        needed = prep.tensors_read_by(comm.rank)
-        prep.local.tensors = snapshot({n: t for n, t in prep.local.tensors.items() if n in needed})
-    except Exception as e:  # e.g. out of host memory
-        error = e
-    comm.agree(error, "snapshotting tensors for an async save")
+    # Planned first, so the snapshot holds only what this rank writes or sends: under DDP that is
+    # 1/N of the model, not all of it. Refused on every rank before any rank copies a byte if one
+    # rank's copy would not fit in host memory (an OOM kill would leave the others waiting).
+    needed = prep.tensors_read_by(comm.rank)
+    tensors = {n: t for n, t in prep.local.tensors.items() if n in needed}
+    with comm.step("checking host memory for an async save's snapshot"):
+        check_snapshot_fits(tensors, comm.rank)
+    with comm.step("snapshotting tensors for an async save"):
+        prep.local.tensors = snapshot(tensors)
+    # Writing and the commit go on in a thread; their collectives run on the save's gloo group,
+    # apart from the training's.
     return AsyncSave.start(_write_and_commit, (prep, path, comm, opts, t0), time.perf_counter() - t0)
 
 
@@ -195,6 +216,26 @@ class _Training:
     optimizer: dict | None  # the optimizer's JSON part (param_groups, non-tensor state), or None
     train_state: object  # rank 0's
     rng: dict  # this rank's RNG states
+
+
+def _describe(model_or_state_dict, tokenizer, processor, optimizer, train_state, rank: int):
+    """This rank's part of step 1 (no communication): (LocalState, extra files, _Training or None).
+    Warns (DistSaverWarning, at dist_save's caller) about tensors that overlap in memory."""
+    extra, training = {}, None
+    if rank == 0:  # taken now: an async save must not see later changes
+        extra = extra_files(model_or_state_dict, tokenizer, processor)
+    local = collect(model_or_state_dict)
+    if optimizer is not None or train_state is not None:
+        training = _training_part(model_or_state_dict, optimizer, train_state, local, rank)
+    if local.overlaps:  # one warning per save, naming the first pairs
+        pairs = ", ".join(f"{a!r} and {b!r}" for a, b in local.overlaps[:5])
+        more = f" (and {len(local.overlaps) - 5} more pairs)" if len(local.overlaps) > 5 else ""
+        warnings.warn(
+            f"rank {rank}: tensors {pairs}{more} overlap in memory (views of one storage) but are not "
+            "the same view; each is saved in full, so the shared bytes are stored twice and load back as "
+            "separate tensors (only identical views are saved once, as tied weights)",
+            DistSaverWarning, stacklevel=3)
+    return local, extra, training
 
 
 def _training_part(model, optimizer, train_state, local, rank: int) -> _Training:
@@ -230,12 +271,9 @@ class _Prepared:
         return names | {name for name, src in self.sched.senders() if src == rank}
 
 
-def _prepare(local, error, comm: Comm, opts: _Options) -> _Prepared:
-    """Steps 1b-2: share the descriptions, then plan and schedule (the same on every rank)."""
-    payload = (local.metas, local.aliases) if local is not None else None
-    groups = comm.gather_deduplicated(payload, error, "describing what to save (state dict, config, tokenizer)")
-
-    # 2. The same plan everywhere (pure; a mismatch raises the same PlanError on every rank).
+def _prepare(local, groups: list, comm: Comm, opts: _Options) -> _Prepared:
+    """Step 2: plan and schedule from every rank's descriptions, [(ranks, (metas, aliases))]; pure,
+    so the same on every rank."""
     infos, aliases = merge_metadata(
         [(ranks, value[0]) for ranks, value in groups], comm.world_size, [value[1] for _, value in groups]
     )
@@ -261,18 +299,16 @@ def _prepare(local, error, comm: Comm, opts: _Options) -> _Prepared:
 
 def _write_and_commit(prep: _Prepared, path: str, comm: Comm, opts: _Options, t0: float) -> SaveResult:
     """Steps 3-5: stage, create and write the files in place, publish the index and files together."""
-    # 3. Rank 0 takes the lock and makes a staging directory; nobody writes until it has.
-    target, staging, error = Target(path), None, None
-    if comm.rank == 0:
-        try:
-            Upload.wait_for(target.path)  # an upload of the checkpoint this save replaces
-            staging = target.begin(opts.overwrite)
-        except Exception as e:
-            error = e
-    took = staging is not None  # rank 0 holds the lock and made the staging directory
+    target, took = Target(path), False  # took: rank 0 holds the lock and made the staging directory
     try:  # from here every way out releases what rank 0 took (and only that)
-        # The save's id names its keys in the store if a rank dies after the publish.
-        staging, save_id = comm.agree(error, f"preparing {path}", share=(staging, uuid.uuid4().hex))
+        # 3. Rank 0 takes the lock and makes a staging directory; nobody writes until it has. The
+        # save's id names its keys in the store if a rank dies after the publish.
+        with comm.step(f"preparing {path}", result="shared") as prepared:
+            if comm.rank == 0:
+                Upload.wait_for(target.path)  # an upload of the checkpoint this save replaces
+                prepared.value = (target.begin(opts.overwrite), uuid.uuid4().hex)
+                took = True
+        staging, save_id = prepared.result
         return _write_staged(prep, target, staging, save_id, comm, opts, t0)
     except BaseException:
         if took:  # the old checkpoint (if any) is untouched; drop the new pieces
@@ -285,6 +321,7 @@ def _write_and_commit(prep: _Prepared, path: str, comm: Comm, opts: _Options, t0
 
 def _write_staged(prep: _Prepared, target: Target, staging: str, save_id: str, comm: Comm, opts: _Options,
                   t0: float) -> SaveResult:
+    """Steps 4-5: every rank writes its share into staging, rank 0 publishes; the result."""
     local, plan = prep.local, prep.plan
     dtypes = {i.name: i.dtype for i in prep.infos}
     shapes = {i.name: i.shape for i in prep.infos}
@@ -295,70 +332,46 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, save_id: str, c
     cuda = any(t.device.type == "cuda" for t in local.tensors.values())
     streamer = Streamer(cuda=cuda, checksums=opts.checksums, direct_io=opts.direct_io,
                         on_written=progress.add, rank=comm.rank)
-    ranges, sent, error = [], 0, None
     try:
         # 4a. Each owner creates its files (header, final size) before anyone writes into them.
-        try:
+        with comm.step(f"creating the files of {path}"):
             ranges = create_files(plan, streamer, staging, comm.rank)
-        except Exception as e:
-            error = e
-        comm.agree(error, f"creating the files of {path}")
         # 4b. Every rank writes its share in place; the writes are durable before it reports.
-        t_write = time.perf_counter()
-        try:
-            mine, sent = write_share(plan, prep.sched, comm, streamer, staging, local.tensors, prep.boxes,
-                                     shapes, dtypes)
-            streamer.finish()
-            ranges += mine
-        except Exception as e:
-            error = e
-        seconds = time.perf_counter() - t_write
+        with comm.step(f"writing {path}", result="all") as wrote:
+            t_write = time.perf_counter()
+            try:
+                mine, sent = write_share(plan, prep.sched, comm, streamer, staging, local.tensors, prep.boxes,
+                                         shapes, dtypes)
+                streamer.finish()
+            finally:  # before the agreement: the buffers and files are not held while others finish
+                streamer.close()
+                progress.flush()
+            rng = opts.training.rng if opts.training is not None else None
+            wrote.value = (ranges + mine, sent, time.perf_counter() - t_write, rng)
     finally:
-        streamer.close()
-    progress.flush()
-    try:
-        rng = opts.training.rng if opts.training is not None else None
-        reports = comm.all_gather_object((ranges, sent, seconds, describe_error(error), rng))
-    finally:
-        progress.close()
-    raise_if_failed([r[3] for r in reports], f"writing {path}")
+        streamer.close()  # again if creating the files failed (closing twice is harmless)
+        progress.close()  # after the last collective of the writes (or their failure)
+    reports = wrote.result  # by rank: (ranges, bytes sent, seconds writing, RNG state)
     all_ranges = [w for r in reports for w in r[0]]
 
     # 5. Rank 0 checks every range against the plan, writes the index, and publishes it all.
-    error, index_path = None, os.path.join(path, fmt.INDEX_NAME)
-    if comm.rank == 0:
-        try:
-            check_written(plan, all_ranges)
-            for name, data in opts.extra_files:  # one at a time, so an error names its file
-                with _naming(os.path.join(staging, name)):
-                    fmt.write_extra_files(staging, [(name, data)])
-            files = written_files(plan, all_ranges)
-            beside = [name for name, _ in opts.extra_files]
-            if opts.training is not None:
-                beside += _write_training(staging, plan, files, opts.training, [r[4] for r in reports])
-            with _naming(os.path.join(staging, fmt.INDEX_NAME)):  # ENOSPC from a write has no file name
-                write_index(staging, plan.part("model"), files, beside)
-            target.publish()
-        except Exception as e:
-            error = e
-            if target.published:  # only the fsync after the rename failed: say what is on disk
-                error = SaveError(f"the checkpoint at {path} was published, but making the publish durable "
-                                  f"failed (it may not survive a crash of the machine): {describe_error(e)}")
     warning = None
     try:
-        comm.agree(error, f"publishing {path}")
+        with comm.step(f"publishing {path}"):
+            if comm.rank == 0:
+                _publish(target, staging, plan, opts, all_ranges, [r[3] for r in reports])
     except CollectiveError as e:
         # The collective broke (a rank died or hung) around rank 0's publish: what each survivor
         # reports must match the disk, so look at it instead of assuming failure.
-        warning = _published_anyway(e, comm, target, staged, save_id, error)
+        warning = _published_anyway(e, comm, target, staged, save_id)
 
     written = [0] * comm.world_size
     for w in all_ranges:
         written[w.rank] += w.end - w.begin
     result = SaveResult(
         path, comm.rank, comm.world_size, written_files(plan, all_ranges), plan.total_size,
-        time.perf_counter() - t0, index_path, plan, bytes_sent=[r[1] for r in reports], bytes_written=written,
-        warning=warning,
+        time.perf_counter() - t0, os.path.join(path, fmt.INDEX_NAME), plan, bytes_sent=[r[1] for r in reports],
+        bytes_written=written, warning=warning,
     )
     if comm.rank == 0:
         slowest = max(range(len(reports)), key=lambda r: reports[r][2])
@@ -372,6 +385,29 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, save_id: str, c
         if opts.push_to_hub:
             result.upload = Upload.start(target.path, opts.push_to_hub, target)
     return result
+
+
+def _publish(target: Target, staging: str, plan: Plan, opts: _Options, all_ranges: list, rngs: list) -> None:
+    """Rank 0's part of step 5: check every range against the plan, write the files beside the
+    weights and the index into staging, and publish the directory."""
+    path = target.path
+    try:
+        check_written(plan, all_ranges)
+        for name, data in opts.extra_files:  # one at a time, so an error names its file
+            with _naming(os.path.join(staging, name)):
+                fmt.write_extra_files(staging, [(name, data)])
+        files = written_files(plan, all_ranges)
+        beside = [name for name, _ in opts.extra_files]
+        if opts.training is not None:
+            beside += _write_training(staging, plan, files, opts.training, rngs)
+        with _naming(os.path.join(staging, fmt.INDEX_NAME)):  # ENOSPC from a write has no file name
+            write_index(staging, plan.part("model"), files, beside)
+        target.publish()
+    except Exception as e:
+        if target.published:  # only the fsync after the rename failed: say what is on disk
+            raise SaveError(f"the checkpoint at {path} was published, but making the publish durable "
+                            f"failed (it may not survive a crash of the machine): {describe_error(e)}") from e
+        raise
 
 
 def _write_training(staging: str, plan: Plan, files, training: _Training, rngs: list) -> list[str]:
@@ -395,19 +431,21 @@ def _write_training(staging: str, plan: Plan, files, training: _Training, rngs: 
 ANSWER_GRACE_S = 3.0
 
 
-def _published_anyway(failure: CollectiveError, comm: Comm, target: Target, staged, save_id: str,
-                      error: BaseException | None) -> str:
+def _published_anyway(failure: CollectiveError, comm: Comm, target: Target, staged, save_id: str) -> str:
     """After the publishing agreement broke: a warning naming the ranks that did not answer if path
     holds this save's complete checkpoint (the caller reports success), else a CollectiveError that
-    says whether it was published."""
+    says whether it was published. This rank's own error of the step is in failure.failures."""
+    own = failure.failures.get(comm.rank)
     published = target.published if comm.rank == 0 else _dir_id(target.path) == staged and staged is not None
     published = published and os.path.isfile(os.path.join(target.path, fmt.INDEX_NAME))
     if not published:
-        own = f"\n  rank {comm.rank}'s own error: {describe_error(error)}" if error is not None else ""
+        mine = f"\n  rank {comm.rank}'s own error: {own}" if own is not None else ""
         raise CollectiveError(f"{failure}\n  {target.path} was not published by this save when rank {comm.rank} "
-                              f"gave up (it holds the previous checkpoint, if any){own}") from failure
-    if error is not None:  # rank 0: published, but making it durable failed (its message says so)
-        raise CollectiveError(f"{failure}\n  rank {comm.rank}: {describe_error(error)}") from failure
+                              f"gave up (it holds the previous checkpoint, if any){mine}",
+                              failures=failure.failures, stage=failure.stage) from failure
+    if own is not None:  # rank 0: published, but making it durable failed (its message says so)
+        raise CollectiveError(f"{failure}\n  rank {comm.rank}: {own}", failures=failure.failures,
+                              stage=failure.stage) from failure
     alive = comm.responsive(f"{save_id}/published", min(ANSWER_GRACE_S, comm.timeout or ANSWER_GRACE_S))
     gone = [r for r in range(comm.world_size) if alive is not None and r not in alive]
     who = f"rank {','.join(map(str, gone))}" if gone else "another rank"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -20,7 +20,7 @@ from . import format as fmt
 from .exchange import Exchanger, Schedule
 from .layout import Box, Tiling, merged
 from .plan import Extent, FilePlan, Plan, Segment
-from .writer import Streamer, WrittenRange
+from .writer import RangeStream, Streamer, WrittenRange
 
 
 def create_files(plan: Plan, streamer: Streamer, staging: str, rank: int) -> list[WrittenRange]:
@@ -46,18 +46,16 @@ def write_share(plan: Plan, sched: Schedule, comm, streamer: Streamer, staging: 
         helper = _ExchangeThread(exchanger, streamer, staging, [(f, e) for f, e in mine if e.assembled],
                                  shapes, dtypes, ready)
         helper.start()
+
+    def put_own(stream: RangeStream, seg: Segment) -> None:  # rows this rank holds whole
+        stream.put(_rows(local[seg.name], my_boxes.get(seg.name), seg))
+
     ranges: list[WrittenRange] = []
     error: BaseException | None = None
     try:
         for f, extent in mine:
-            if extent.assembled:
-                continue
-            stream = streamer.open_range(os.path.join(staging, f.name), f.data_start + extent.begin,
-                                         f.data_start + extent.end)
-            with stream.returning_buffers():
-                for seg in extent.segments:
-                    stream.put(_rows(local[seg.name], my_boxes.get(seg.name), seg))
-            ranges.append(stream.close())
+            if not extent.assembled:
+                ranges.append(_write_extent(streamer, staging, f, extent, put_own))
     except BaseException as e:  # the exchange thread still finishes its rounds: the others need them
         error = e
     if helper is not None:
@@ -67,6 +65,17 @@ def write_share(plan: Plan, sched: Schedule, comm, streamer: Streamer, staging: 
     if error is not None:
         raise error
     return ranges, exchanger.bytes_sent
+
+
+def _write_extent(streamer: Streamer, staging: str, f: FilePlan, extent: Extent,
+                 put: Callable[[RangeStream, Segment], None]) -> WrittenRange:
+    """Stream one extent of file f into place: put(stream, seg) appends each segment's bytes."""
+    stream = streamer.open_range(os.path.join(staging, f.name), f.data_start + extent.begin,
+                                 f.data_start + extent.end)
+    with stream.returning_buffers():  # a failing segment gives its buffer back to the pool
+        for seg in extent.segments:
+            put(stream, seg)
+    return stream.close()
 
 
 def _rows(local: torch.Tensor, box: Box | None, seg: Segment) -> torch.Tensor:
@@ -94,16 +103,7 @@ class _ExchangeThread(threading.Thread):
             if self.ready is not None:
                 self.ready.synchronize()
             for f, extent in self.extents:
-                stream = self.streamer.open_range(os.path.join(self.staging, f.name), f.data_start + extent.begin,
-                                                  f.data_start + extent.end)
-                with stream.returning_buffers():
-                    for seg in extent.segments:
-                        shape = self.shapes[seg.name]
-                        dtype = fmt.torch_dtype(self.dtypes[seg.name])
-                        for chunk in self.exchanger.chunks_of(seg):
-                            fill = self.exchanger.filler(chunk)  # runs the rounds up to the chunk's
-                            stream.put_rows(chunk.rows[1] - chunk.rows[0], shape[1:], dtype, fill)
-                self.ranges.append(stream.close())
+                self.ranges.append(_write_extent(self.streamer, self.staging, f, extent, self._put_assembled))
         except BaseException as e:
             self.error = e
         finally:
@@ -111,3 +111,10 @@ class _ExchangeThread(threading.Thread):
                 self.exchanger.finish()  # the other writers may still need this rank's pieces
             except BaseException as e:
                 self.error = self.error or e
+
+    def _put_assembled(self, stream: RangeStream, seg: Segment) -> None:
+        shape = self.shapes[seg.name]
+        dtype = fmt.torch_dtype(self.dtypes[seg.name])
+        for chunk in self.exchanger.chunks_of(seg):
+            fill = self.exchanger.filler(chunk)  # runs the rounds up to the chunk's
+            stream.put_rows(chunk.rows[1] - chunk.rows[0], shape[1:], dtype, fill)

@@ -6,8 +6,17 @@ import threading
 
 import torch
 
+from . import memory
+from .errors import SaveError
+
 _cache: dict[str, torch.Tensor] = {}
 _lock = threading.Lock()
+
+
+def _reusable(buf: torch.Tensor | None, t: torch.Tensor) -> bool:
+    """Whether the previous snapshot's buffer can take t's copy (same shape, dtype and pinning)."""
+    pin = t.device.type == "cuda"
+    return buf is not None and buf.shape == t.shape and buf.dtype == t.dtype and buf.is_pinned() == pin
 
 
 def snapshot(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -24,7 +33,7 @@ def snapshot(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for name, t in tensors.items():
             buf = old.get(name)
             pin = t.device.type == "cuda"
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.is_pinned() != pin:
+            if not _reusable(buf, t):
                 buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
             buf.copy_(t, non_blocking=pin)  # device-to-host copies queue up; one sync below
             cuda |= pin
@@ -34,6 +43,30 @@ def snapshot(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def snapshot_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Host bytes snapshot(tensors) would allocate now: buffers it reuses are not counted."""
+    with _lock:
+        return sum(t.nbytes for name, t in tensors.items()
+                   if not _reusable(_cache.get(name), t))
+
+
+def check_snapshot_fits(tensors: dict[str, torch.Tensor], rank: int) -> None:
+    """Raise SaveError (naming rank, the bytes needed and those available) if snapshot(tensors)
+    would not fit in the host memory available now (memory.available_bytes()): refused, rather
+    than the process being killed for memory in the middle of a save."""
+    needed = snapshot_bytes(tensors)
+    if needed == 0:
+        return
+    available = memory.available_bytes()
+    if needed > available:
+        raise SaveError(
+            f"rank {rank}: an async save needs {needed} bytes ({needed / 1e9:.2f} GB) of host memory for the "
+            f"snapshot of the tensors this rank writes, but only {available} bytes ({available / 1e9:.2f} GB) are "
+            "available (psutil.virtual_memory().available); free host memory, or save with async_save=False, "
+            "which writes from the tensors themselves")
+
+
 def release_snapshots() -> None:
+    """Drop the buffers kept for reuse by the next snapshot (their memory is freed once unused)."""
     with _lock:
         _cache.clear()

@@ -11,7 +11,8 @@ from typing import Mapping
 import torch
 
 from . import format as fmt
-from .layout import Layout, layout_of
+from .layout import Layout, is_dtensor, layout_of
+from .format import nbytes
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,7 @@ class TensorMeta:
 
     @property
     def nbytes(self) -> int:
-        n = fmt.itemsize(self.dtype)
-        for d in self.shape:
-            n *= d
-        return n
+        return nbytes(self.shape, self.dtype)
 
 
 @dataclass
@@ -52,7 +50,7 @@ def as_state_dict(model_or_state_dict) -> Mapping[str, object]:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def alias_key(t: torch.Tensor):

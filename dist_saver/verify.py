@@ -22,13 +22,21 @@ _BLOCK = 16 << 20
 
 
 def verify(path: str | os.PathLike, files: Iterable[str] | None = None) -> dict[str, str]:
-    """Check the checkpoint's files (default all) against their recorded checksums.
+    """Check the checkpoint's files against the checksums recorded at save time, on one process.
 
-    A training checkpoint's optimizer files are checked too. Returns {file: "<algorithm>: N
-    ranges"}; raises CheckpointError naming the first file (and the
-    byte range, and the rank that wrote it) that differs, is missing, or has no recorded checksum
-    (a checkpoint not written by dist_saver, or saved with checksums=False), or an index that
-    fails its digest or maps to a file other tensors than the file holds.
+    Args:
+        path: the checkpoint directory (written by dist_saver). A training checkpoint's
+            optimizer files are checked too.
+        files: only these file names (model or optimizer files); default all.
+
+    Returns:
+        {file name: "<algorithm>: N ranges"} for every file checked.
+
+    Raises:
+        CheckpointError: naming the first file (and the byte range, and the rank that wrote it)
+            that differs, is missing, or has no recorded checksum (a checkpoint not written by
+            dist_saver, or saved with checksums=False); an index that fails its digest or maps
+            other tensors to a file than the file holds; or a name in files that no index has.
     """
     index = fmt.read_index(os.fspath(path))
     if not (index.ours or {}).get("files"):

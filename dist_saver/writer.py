@@ -3,14 +3,19 @@ every rank streams its own ranges into it at their offsets, concurrently with th
 
 Bytes go through a small pool of aligned, reused buffers: the caller's thread copies tensor blocks
 in (from CPU memory, any strides, or from the GPU on a side stream), one writer thread checksums
-and writes full buffers out, so copying the next buffer overlaps writing the last. Large contiguous
-host tensors skip the pool: the writer thread writes them from their own memory. Buffers map to
-block-aligned file offsets, so with direct_io the aligned middle of each range is written with
-O_DIRECT and only its unaligned edges (the blocks it shares with a neighbour's range) through the
-page cache. By default everything goes through the page cache with early writeback (_Writeback),
-hashed and written a slice at a time so each byte is read from memory once (measured, 2 ranks on
-tmpfs: replicated 0.35 s against 0.45 s when the filling thread hashed). Extra memory: the pool,
-never a tensor.
+and writes full buffers out, so copying the next buffer overlaps writing the last. Large stable
+contiguous host tensors skip the pool: the writer thread writes them from their own memory.
+
+By default (Streamer's direct_io=False, as dist_save's) every byte goes through the page cache,
+with writeback started as each buffer lands and the dirty tail bounded (_Writeback). The writer
+thread hashes and writes a 1 MiB slice at a time, so each byte is read from memory once (measured,
+2 ranks on tmpfs: replicated 0.35 s against 0.45 s when the filling thread hashed). With
+direct_io=True, where the file system takes O_DIRECT (elsewhere the default path is used):
+buffers map to block-aligned file offsets, the aligned middle of each range is written with
+O_DIRECT and only its unaligned edges (the pages it shares with a neighbour's range) through the
+page cache, and no tensor is written from its own memory. Extra memory: the pool, never a tensor.
+
+Every system call on the files goes through a FileOps object, which fault tests substitute.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import math
 import mmap
 import os
 import queue
@@ -28,6 +32,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from . import format as fmt
 from .buffers import ALIGN, as_bytes, shared_pool
 from .checksum import Hasher
 
@@ -57,7 +62,65 @@ def _sync_file_range():
 
 
 _SYNC_FILE_RANGE = _sync_file_range()
-_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+# sync_file_range's flags
+SFR_WAIT_BEFORE, SFR_WRITE, SFR_WAIT_AFTER = 1, 2, 4
+
+
+class FileOps:
+    """The system calls a Streamer makes on its files, and its writeback lag, in one object.
+
+    A fault test substitutes a subclass: Streamer(ops=...), or for the Streamers that dist_save
+    makes, `with using_file_ops(ops):`, instead of patching os or this module.
+    """
+
+    def __init__(self, writeback_lag: int = WRITEBACK_LAG_BYTES):
+        self.writeback_lag = writeback_lag  # see _Writeback
+        # Linux has sync_file_range; elsewhere buffered files are written back by the final fsync only
+        self.can_writeback = _SYNC_FILE_RANGE is not None
+
+    def open(self, path: str, flags: int, mode: int = 0o777) -> int:
+        return os.open(path, flags, mode)
+
+    def pwrite(self, fd: int, view: memoryview, offset: int) -> int:
+        return os.pwrite(fd, view, offset)
+
+    def write_all(self, fd: int, view: memoryview, offset: int) -> None:
+        while view:  # pwrite may write less than asked
+            k = self.pwrite(fd, view, offset)
+            view, offset = view[k:], offset + k
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def sync_file_range(self, fd: int, offset: int, nbytes: int, flags: int) -> None:
+        """Raises OSError as the call fails (only called where can_writeback)."""
+        if _SYNC_FILE_RANGE(fd, offset, nbytes, flags) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"sync_file_range: {os.strerror(err)}")
+
+    def drop_cached(self, fd: int, offset: int, nbytes: int) -> None:
+        """Written-back bytes [offset, offset + nbytes) need not stay in the page cache."""
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+
+
+_substitute_ops: FileOps | None = None
+
+
+@contextlib.contextmanager
+def using_file_ops(ops: FileOps):
+    """Streamers made inside the block without an ops argument (dist_save's) use ops."""
+    global _substitute_ops
+    previous, _substitute_ops = _substitute_ops, ops
+    try:
+        yield ops
+    finally:
+        _substitute_ops = previous
 
 
 class _Writeback:
@@ -67,32 +130,31 @@ class _Writeback:
     stays under dirty_background_ratio, and dirty pages expire after 30 s): the disk idles while
     tensors are produced, then writes the whole file while we wait. Measured (2.15 GB, one
     process, 2-core VM): 3.72 s median before, 1.04 s with this, O_DIRECT 1.11 s. Ranges more
-    than WRITEBACK_LAG_BYTES behind are waited for and dropped from the page cache, so a save
-    touches only ~lag bytes of fresh page-cache memory (as O_DIRECT, the file is not left cached).
+    than the lag (FileOps.writeback_lag: WRITEBACK_LAG_BYTES) behind are waited for and dropped
+    from the page cache, so a save touches only ~lag bytes of fresh page-cache memory (as O_DIRECT,
+    the file is not left cached).
     """
 
-    def __init__(self, fd: int, start: int = 0):
-        self.fd, self.lag = fd, WRITEBACK_LAG_BYTES  # read here, so tests can shrink it
+    def __init__(self, ops: FileOps, fd: int, start: int = 0):
+        self.ops, self.fd, self.lag = ops, fd, ops.writeback_lag
         self.started = start  # writeback started for [start, started)
         self.done = start  # on disk and dropped: [start, done)
-        self.on = _SYNC_FILE_RANGE is not None
+        self.on = ops.can_writeback
 
     def _range(self, begin: int, end: int, flags: int) -> None:
-        if _SYNC_FILE_RANGE(self.fd, begin, end - begin, flags) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"sync_file_range: {os.strerror(err)}")
+        self.ops.sync_file_range(self.fd, begin, end - begin, flags)
 
     def wrote(self, end: int) -> None:
         """Bytes [start, end) are in the page cache (called in file order, from the writer thread)."""
         if not self.on or end <= self.started:
             return
         try:
-            self._range(self.started, end, _SFR_WRITE)
+            self._range(self.started, end, SFR_WRITE)
             self.started = end
             if end - self.done > self.lag:
                 upto = end - self.lag
-                self._range(self.done, upto, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
-                os.posix_fadvise(self.fd, self.done, upto - self.done, os.POSIX_FADV_DONTNEED)
+                self._range(self.done, upto, SFR_WAIT_BEFORE | SFR_WRITE | SFR_WAIT_AFTER)
+                self.ops.drop_cached(self.fd, self.done, upto - self.done)
                 self.done = upto
         except OSError as e:
             if e.errno in _UNSUPPORTED:  # a hint this file system does not take: fsync does it all
@@ -127,7 +189,8 @@ class _OpenFile:
 
 
 class _Job(NamedTuple):
-    """Write buf[lo:hi] at file offset base + lo (buf[0] sits at the block-aligned offset base)."""
+    """Write buf[lo:hi] at file offset base + lo (buf[0] sits at the block-aligned offset base):
+    what a filling thread hands the writer thread."""
 
     file: _OpenFile
     base: int
@@ -140,17 +203,26 @@ class _Job(NamedTuple):
     pooled: bool = True  # buf is the pool's (else the caller's own tensor, written in place)
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        k = os.pwrite(fd, view, offset)
-        view, offset = view[k:], offset + k
+def _pieces(job: _Job) -> list[tuple[int, int, int]]:
+    """(descriptor, lo, hi) of each write that puts buf[job.lo:job.hi] on file, in file order."""
+    f, base = job.file, job.base
+    if f.direct < 0:  # a slice at a time: written while still in the CPU's cache from hashing it
+        return [(f.fd, x, min(job.hi, x + _HASH_SLICE)) for x in range(job.lo, job.hi, _HASH_SLICE)]
+    # O_DIRECT for whole pages (one large request); the pages shared with a neighbour's range
+    # through the page cache
+    start, stop = base + job.lo, base + job.hi
+    a = min(stop, -(-start // _EDGE) * _EDGE)
+    b = max(a, stop // _EDGE * _EDGE)
+    return [(fd, x - base, y - base) for fd, x, y in ((f.fd, start, a), (f.direct, a, b), (f.fd, b, stop)) if x < y]
 
 
 class _WriterThread:
-    """Writes jobs in order (from any number of filling threads); returns buffers to the pool."""
+    """Writes jobs in order (from any number of filling threads); returns buffers to the pool.
+    The one place where written bytes are hashed, whatever their source (CPU or CUDA tensors,
+    pooled or in place): each piece just before its write."""
 
-    def __init__(self, pool, on_written: Callable[[int], None] | None = None):
-        self.pool = pool
+    def __init__(self, pool, ops: FileOps, on_written: Callable[[int], None] | None = None):
+        self.pool, self.ops = pool, ops
         self.on_written = on_written  # progress: the file bytes each write made
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
@@ -177,24 +249,12 @@ class _WriterThread:
         if job.event is not None:
             job.event.synchronize()  # the device-to-host copies into buf are done
         view = as_bytes(job.buf)
-        f, base = job.file, job.base
-        if f.direct >= 0:  # O_DIRECT for whole pages (one large request); the pages shared with a
-            if job.hasher is not None:  # neighbour's range through the page cache
-                job.hasher.update(view[job.lo : job.hi])
-            start, stop = base + job.lo, base + job.hi
-            a = min(stop, -(-start // _EDGE) * _EDGE)
-            b = max(a, stop // _EDGE * _EDGE)
-            for fd, x, y in ((f.fd, start, a), (f.direct, a, b), (f.fd, b, stop)):
-                if x < y:
-                    _pwrite_all(fd, view[x - base : y - base], x)
-        else:  # hash a slice, then write it while it is still in the CPU's cache: memory is read
-            for x in range(job.lo, job.hi, _HASH_SLICE):  # once, not once per pass
-                y = min(job.hi, x + _HASH_SLICE)
-                if job.hasher is not None:
-                    job.hasher.update(view[x:y])
-                _pwrite_all(f.fd, view[x:y], base + x)
+        for fd, lo, hi in _pieces(job):
+            if job.hasher is not None:
+                job.hasher.update(view[lo:hi])
+            self.ops.write_all(fd, view[lo:hi], job.base + lo)
         if job.writeback is not None:
-            job.writeback.wrote(base + job.hi)
+            job.writeback.wrote(job.base + job.hi)
         if self.on_written is not None:
             self.on_written(job.hi - job.lo)
 
@@ -213,15 +273,21 @@ class _WriterThread:
 
 class Streamer:
     """One per save and rank: the buffer pool, the writer thread, the CUDA side stream, and this
-    rank's open files. Thread-safe: several threads may stream ranges at once."""
+    rank's open files. Thread-safe: several threads may stream ranges at once.
+
+    direct_io: O_DIRECT for the aligned middle of each range, where the file system takes it.
+    ops: the FileOps every call on the files goes through (default: the one using_file_ops
+    installed, else FileOps()).
+    """
 
     def __init__(self, buffer_bytes: int = DEFAULT_BUFFER_BYTES, count: int = DEFAULT_BUFFER_COUNT,
                  cuda: bool = False, direct_io: bool = False, checksums: bool = True,
-                 on_written: Callable[[int], None] | None = None, rank: int = 0):
+                 on_written: Callable[[int], None] | None = None, rank: int = 0, ops: FileOps | None = None):
         if buffer_bytes % ALIGN:
             raise ValueError(f"buffer size must be a multiple of {ALIGN}")
+        self.ops = ops or _substitute_ops or FileOps()
         self.pool = shared_pool(count, buffer_bytes, pinned=cuda)
-        self.writer = _WriterThread(self.pool, on_written)
+        self.writer = _WriterThread(self.pool, self.ops, on_written)
         self.stream = torch.cuda.Stream() if cuda and torch.cuda.is_available() else None
         if self.stream is not None:  # copies must see what the training stream wrote
             self.stream.wait_stream(torch.cuda.current_stream())
@@ -235,13 +301,13 @@ class Streamer:
     def create(self, path: str, header: bytes, size: int) -> WrittenRange:
         """As the file's owner: create it with its header and its final size, before anyone writes."""
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = self.ops.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with self._lock:
                 self._files[path] = _OpenFile(path, fd)
-            _pwrite_all(fd, memoryview(header), 0)
-            os.ftruncate(fd, size)
+            self.ops.write_all(fd, memoryview(header), 0)
+            self.ops.ftruncate(fd, size)
         except OSError as e:
-            raise OSError(e.errno, f"creating {path} on rank {self.rank}: {e.strerror or e}") from e
+            raise self._failed("creating", path, e) from e
         checksum = ""
         if self.checksums:
             h = Hasher()
@@ -249,14 +315,18 @@ class Streamer:
             checksum = h.digest()
         return WrittenRange(os.path.basename(path), 0, len(header), self.rank, checksum)
 
+    def _failed(self, doing: str, path: str, e: OSError) -> OSError:
+        """e, naming the file and this rank."""
+        return OSError(e.errno, f"{doing} {path} on rank {self.rank}: {e.strerror or e}")
+
     def _file(self, path: str) -> _OpenFile:
         with self._lock:
             f = self._files.get(path)
             if f is None:
-                f = self._files[path] = _OpenFile(path, os.open(path, os.O_WRONLY))
+                f = self._files[path] = _OpenFile(path, self.ops.open(path, os.O_WRONLY))
             if self.direct_io and f.direct < 0:
                 try:
-                    f.direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
+                    f.direct = self.ops.open(path, os.O_WRONLY | os.O_DIRECT)
                 except OSError as e:
                     if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                         raise
@@ -268,7 +338,7 @@ class Streamer:
         try:
             f = self._file(path)
         except OSError as e:
-            raise OSError(e.errno, f"opening {path} on rank {self.rank}: {e.strerror or e}") from e
+            raise self._failed("opening", path, e) from e
         return RangeStream(self, f, begin, end)
 
     def finish(self) -> list[WrittenRange]:
@@ -280,11 +350,11 @@ class Streamer:
         try:
             for f in files.values():
                 try:
-                    os.fsync(f.fd)
+                    self.ops.fsync(f.fd)
                 except OSError as e:
-                    raise OSError(e.errno, f"writing {f.path} on rank {self.rank}: {e.strerror or e}") from e
+                    raise self._failed("writing", f.path, e) from e
         finally:
-            _close(files.values())
+            _close(self.ops, files.values())
         for rng, hasher in self._pending:
             rng.checksum = hasher.digest()
         self._pending = []
@@ -294,7 +364,7 @@ class Streamer:
         self.writer.stop()
         with self._lock:
             files, self._files = self._files, {}
-        _close(files.values())
+        _close(self.ops, files.values())
 
     def __enter__(self) -> "Streamer":
         return self
@@ -303,11 +373,11 @@ class Streamer:
         self.close()
 
 
-def _close(files) -> None:
+def _close(ops: FileOps, files) -> None:
     for f in files:
         for fd in (f.fd, f.direct):
             if fd >= 0:
-                os.close(fd)
+                ops.close(fd)
 
 
 class RangeStream:
@@ -323,7 +393,7 @@ class RangeStream:
         self.written = 0
         self.pending_device_copy = False
         self.hasher = Hasher() if streamer.checksums else None  # fed by the writer thread, in order
-        self.writeback = None if file.direct >= 0 else _Writeback(file.fd, begin)
+        self.writeback = None if file.direct >= 0 else _Writeback(streamer.ops, file.fd, begin)
         self._scratch: torch.Tensor | None = None
 
     def _space(self) -> int:
@@ -379,7 +449,7 @@ class RangeStream:
         """Append t's bytes (row-major). stable: t stays unchanged until the range is closed."""
         if t.numel() == 0:
             return 0
-        n_total = t.numel() * t.element_size()
+        n_total = t.nbytes
         self._check_room(n_total)
         if (stable and t.device.type == "cpu" and t.is_contiguous() and n_total >= IN_PLACE_MIN_BYTES
                 and self.file.direct < 0):
@@ -395,7 +465,7 @@ class RangeStream:
                 i += k
             return n_total
         t = t if t.dim() else t.reshape(1)
-        row = t[0].numel() * t.element_size()
+        row = t[0].nbytes
         start = 0
         while start < t.shape[0]:
             fit = self._space() // row
@@ -404,7 +474,7 @@ class RangeStream:
                 start += 1
                 continue
             block = t[start : start + fit]
-            k = block.numel() * block.element_size()
+            k = block.nbytes
             dst = self.buf[self.pos : self.pos + k].view(t.dtype).view(block.shape)
             self._copy(dst, block, stable)  # copy_ makes the strided block contiguous in place
             self._advance(k)
@@ -415,7 +485,7 @@ class RangeStream:
                  fill: Callable[[torch.Tensor, int, int], None]) -> int:
         """Append `rows` rows built in place: fill(dst, r0, r1) writes rows [r0, r1) into dst, a
         (r1 - r0, *row_shape) view of the buffer. No intermediate copy of the rows."""
-        row = dtype.itemsize * math.prod(row_shape)
+        row = fmt.nbytes(row_shape, dtype)
         self._check_room(rows * row)
         r = 0
         while r < rows:

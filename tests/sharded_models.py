@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from dist_saver.layout import is_dtensor
+from dist_saver.format import nbytes
 from dist_saver.synthetic import TinyLlama, shard_llama
+from dist_saver.torch_compat import local_box
 
 # Uneven on purpose: 70 and 50 rows do not divide by 4, 100 does not divide by 3.
 DIMS = dict(vocab=50, hidden=100, kv=36, intermediate=70, layers=3)
@@ -23,7 +26,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Gathered copy, for checking only."""
     out = {}
     for k, v in model.state_dict().items():
-        out[k] = v.full_tensor() if hasattr(v, "full_tensor") else v
+        out[k] = v.full_tensor() if is_dtensor(v) else v
     return out
 
 
@@ -31,19 +34,17 @@ def local_bytes(model: torch.nn.Module) -> int:
     """Bytes of this rank's pieces, each shared memory counted once."""
     seen, total = set(), 0
     for v in model.state_dict().values():
-        local = v.to_local() if hasattr(v, "to_local") else v
+        local = v.to_local() if is_dtensor(v) else v
         key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape))
         if key not in seen:
             seen.add(key)
-            total += local.numel() * local.element_size()
+            total += nbytes(local.shape, local.dtype)
     return total
 
 
 def build_on(layout: str, world: int, device: str, seed: int = 0) -> torch.nn.Module:
     """As build(), but made on the meta device and materialised on `device` (e.g. "cuda": ranks
     sharing one GPU over gloo), each rank filling its pieces from the reference: no collectives."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     with torch.device("meta"):
         model = TinyLlama(**DIMS, seed=seed)
     shard_llama(model, layout, world, device)
@@ -53,10 +54,13 @@ def build_on(layout: str, world: int, device: str, seed: int = 0) -> torch.nn.Mo
     full = reference_state_dict(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if not hasattr(p, "to_local"):
+            if not is_dtensor(p):
                 p.copy_(full[name])
                 continue
-            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-            index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
-            p.to_local().copy_(full[name][index])
+            p.to_local().copy_(full[name][box_slice(local_box(p))])
     return model
+
+
+def box_slice(box) -> tuple[slice, ...]:
+    """The index of an (offset, shape) box in the global tensor."""
+    return tuple(slice(o, o + s) for o, s in zip(*box))

@@ -81,3 +81,28 @@ def test_async_snapshot_of_a_replicated_model_holds_only_this_ranks_share(tmp_pa
     for held, total, largest in outs:
         assert 0 < held <= total / 2 + largest
     assert sum(o[0] for o in outs) == outs[0][1]  # together, every byte exactly once
+
+
+def test_the_handle_is_a_future_that_cannot_be_cancelled():
+    import concurrent.futures
+    import threading
+
+    from dist_saver.async_save import wait_for_pending_save
+
+    release, called = threading.Event(), []
+    handle = AsyncSave.start(lambda: release.wait(30) and "result", (), 0.5)
+    try:
+        assert isinstance(handle, concurrent.futures.Future) and not handle.done()
+        assert not handle.cancel()  # running from the start
+        handle.add_done_callback(called.append)
+        try:
+            handle.wait(timeout=0.05)
+        except TimeoutError as e:
+            assert "still running after 0.05s" in str(e)
+        else:
+            raise AssertionError("wait() returned before the save finished")
+    finally:
+        release.set()
+    assert handle.wait(timeout=30) == "result" == handle.result() and handle.done()
+    assert called == [handle] and handle.blocking_seconds == 0.5
+    wait_for_pending_save()  # it was the pending save: nothing left for the next test's save

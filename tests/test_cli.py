@@ -36,3 +36,23 @@ def test_inspect_and_verify(tmp_path, capsys):
 def test_console_entry_point_runs(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dist_saver.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "inspect" in out.stdout
+
+
+def test_exit_codes_follow_the_error_type_not_its_message(tmp_path, monkeypatch, capsys):
+    import dist_saver.cli as cli
+    from dist_saver import CheckpointError
+
+    path = tmp_path / "ck"
+    dist_save({"a": torch.ones(4)}, path)
+    # a damaged checkpoint whose message reads like bad usage is still a damaged checkpoint
+    monkeypatch.setattr(cli, "verify", lambda p: (_ for _ in ()).throw(
+        CheckpointError(f"{p}: no such file or directory (usage: not a checkpoint)")))
+    assert main(["verify", str(path)]) == 1
+    assert "no such file or directory" in capsys.readouterr().err
+    # a rewrite the save refuses (a SaveError: DST holds something else) fails with 1, nothing published
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(["reshard", str(path), str(foreign)]) == 1
+    assert "was not written by dist_saver" in capsys.readouterr().err
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]

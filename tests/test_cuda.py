@@ -72,20 +72,17 @@ def test_cuda_load_through_the_pinned_double_buffer(tmp_path):
 
 
 def _tp_cuda(rank, world, path):
-    from tests.sharded_models import build_on, reference_state_dict
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from dist_saver.layout import is_dtensor
+    from dist_saver.torch_compat import local_box
+    from tests.sharded_models import box_slice, build_on, reference_state_dict
 
     torch.cuda.set_device(0)
     target = build_on("tp", world, "cuda", seed=9)
     res = dist_load(target, path)
     reference = reference_state_dict()
     for name, p in target.state_dict().items():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        if hasattr(p, "to_local"):
-            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-            want = reference[name][tuple(slice(o, o + s) for o, s in zip(offset, shape))]
-        else:
-            want = reference[name]
+        local = p.to_local() if is_dtensor(p) else p
+        want = reference[name][box_slice(local_box(p))] if is_dtensor(p) else reference[name]
         assert local.is_cuda and torch.equal(local.cpu(), want), name
     return res.bytes_read
 

@@ -25,10 +25,9 @@ from .dist_utils import run_ranks
 from .helpers import assert_bitwise_equal, leftovers, new_state, old_state
 
 
-
-
 def _fail_on_agree(what_prefix, action):
-    """Make this process's Comm.agree run action() when it reaches the agreement named what_prefix."""
+    """Make this process's Comm.agree (every Comm.step's collective) run action() when it reaches
+    the agreement named what_prefix."""
     import dist_saver.comm as comm_mod
 
     real = comm_mod.Comm.agree
@@ -106,7 +105,7 @@ def _dies_around_the_publish(rank, world, path, when):
     try:
         result = dist_save(new_state(), path, overwrite=True, timeout=30)
     except SaveError as e:
-        return "raised", type(e).__name__, str(e), time.monotonic() - t0
+        return "raised", type(e).__name__, str(e), e.stage, time.monotonic() - t0
     return "returned", result.warning, result.total_bytes, time.monotonic() - t0
 
 
@@ -119,8 +118,9 @@ def test_what_survivors_report_matches_the_disk(tmp_path, when, dead):
     survivor = outs[1 - dead]
     assert survivor is not None and survivor[-1] < 60
     if when == "rank 0 before publish":
-        kind, cls, message, _ = survivor
+        kind, cls, message, stage, _ = survivor
         assert kind == "raised" and cls == CollectiveError.__name__, survivor
+        assert stage == f"publishing {path}"  # the step whose agreement broke
         assert re.search(rf"rank 1: a collective failed.*{re.escape(str(path))} was not published", message, re.S)
         assert_bitwise_equal(load_state_dict(path), old_state())
     else:

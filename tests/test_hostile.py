@@ -6,7 +6,6 @@ load_state_dict / verify / dist_load, nor different tensors where the digest or 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -40,7 +39,7 @@ def fixture_state() -> dict[str, torch.Tensor]:
              ("model.empty", torch.float32, (0, 4))]
     sd = {}
     for i, (name, dtype, shape) in enumerate(specs):
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = fmt.nbytes(shape, dtype)
         raw = (((torch.arange(nbytes, dtype=torch.int64) + 1) * 2654435761 + 97 * i) % 251).to(torch.uint8)
         sd[name] = ((raw % 2).bool() if dtype == torch.bool else raw.view(dtype)).reshape(shape)
     sd[HEAD] = sd[EMBED]  # tied: stored once, recorded as an alias

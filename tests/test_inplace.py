@@ -14,12 +14,14 @@ import torch.distributed as dist
 from dist_saver import CheckpointError, SaveError, dist_load, dist_save, load_state_dict, verify
 from dist_saver import format as fmt
 from dist_saver.commit import check_written
+from dist_saver.layout import is_dtensor
 from dist_saver.plan import TensorInfo, make_plan
+from dist_saver.torch_compat import local_box
 from dist_saver.writer import WrittenRange
 
 from .dist_utils import run_ranks
 from .helpers import assert_bitwise_equal, check_checkpoint_files
-from .sharded_models import build, local_bytes, reference_state_dict
+from .sharded_models import box_slice, build, build_on, local_bytes, reference_state_dict
 
 
 def odd_reference(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -181,10 +183,6 @@ def test_commit_refuses_missing_duplicate_and_misattributed_ranges():
 
 def _on_device(rank, world, root, device):
     """Save sharded models whose pieces live on `device` (sync and async), load them back there."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    from .sharded_models import build_on
-
     if device == "cuda":
         torch.cuda.set_device(0)  # one GPU shared by the ranks (gloo moves the bytes)
     reference = reference_state_dict()
@@ -199,13 +197,9 @@ def _on_device(rank, world, root, device):
         target = build_on(layout, world, device, seed=5)
         dist_load(target, path)
         for name, p in target.state_dict().items():
-            local = p.to_local() if hasattr(p, "to_local") else p
+            local = p.to_local() if is_dtensor(p) else p
             assert local.device.type == device, name
-            if hasattr(p, "to_local"):
-                shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-                want = reference[name][tuple(slice(o, o + s) for o, s in zip(offset, shape))]
-            else:
-                want = reference[name]
+            want = reference[name][box_slice(local_box(p))] if is_dtensor(p) else reference[name]
             assert torch.equal(local.cpu(), want), name
     return out
 

@@ -90,9 +90,9 @@ def test_sharded_legacy_checkpoint_loads_into_sharded_models(tmp_path, layout):
     outs = run_ranks(_load_legacy_into, 2, path, layout)
     assert all(ok for ok, _ in outs)
     # each rank copied only its shards out of the mapped files
-    total = sum(t.numel() * t.element_size() for t in sd.values())
+    total = sum(t.nbytes for t in sd.values())
     assert sum(n for _, n in outs) <= total + sum(
-        t.numel() * t.element_size() for k, t in sd.items() if "norm" in k)  # replicated norms: both ranks
+        t.nbytes for k, t in sd.items() if "norm" in k)  # replicated norms: both ranks
 
 
 def _convert(rank, world, src, dst):

@@ -1,11 +1,11 @@
 """The load exchange's schedule (pure): who reads which rows of a column-split tensor, what it sends."""
 
-import math
 import time
 
 from torch.distributed.tensor import Replicate, Shard
 
 from dist_saver.layout import Layout
+from dist_saver.format import nbytes
 from dist_saver.load_exchange import ColumnRead, make_schedule
 
 
@@ -24,13 +24,13 @@ def _check(sched, reads, bucket):
         rows = sorted(c.rows for c in chunks)
         assert rows[0][0] == 0 and rows[-1][1] == d.shape[0]
         assert all(a[1] == b[0] for a, b in zip(rows, rows[1:])), "every row read exactly once"
-        row = 2 * math.prod(d.shape[1:])
+        row = nbytes(d.shape[1:], d.dtype)
         assert all(c.nbytes == (c.rows[1] - c.rows[0]) * row for c in chunks)
         assert all(c.nbytes <= max(bucket, row) for c in chunks)
         # every rank's box is delivered exactly: its pieces tile it
         for r, (off, shp) in sched.boxes[key].items():
             got = sum(p.nbytes for c in chunks for p in c.pieces if p.dst == r)
-            assert got == 2 * math.prod(shp), f"rank {r} gets {got} bytes of its box {shp}"
+            assert got == nbytes(shp, d.dtype), f"rank {r} gets {got} bytes of its box {shp}"
     for k in range(sched.rounds):  # a reader's chunks in one round fit its bucket
         per: dict[int, int] = {}
         for c in sched.chunks:

@@ -1,6 +1,7 @@
 """Everything save_pretrained covers beside the weights: tokenizer and processor files inside the
 same atomic publish, and the Hub upload (against huggingface_hub's HfApi replaced in-process)."""
 
+import concurrent.futures
 import fnmatch
 import json
 import os
@@ -143,6 +144,7 @@ def test_push_to_hub_uploads_the_published_directory_only(tmp_path, fake_hub):
         f.write("x")
     res = dist_save(model, path, tokenizer=make_tokenizer(), max_shard_size=20_000, push_to_hub="org/tiny")
     assert res.upload.wait() == "commit-info"
+    assert isinstance(res.upload, concurrent.futures.Future) and res.upload.result(timeout=0) == "commit-info"
     (create, upload) = fake_hub
     assert create[:2] == ("create_repo", "org/tiny") and create[2]["exist_ok"]
     assert upload[1] == "org/tiny"
@@ -285,6 +287,7 @@ def test_the_upload_runs_detached_and_holds_the_lock(tmp_path, fake_hub, monkeyp
     path = str(tmp_path / "ck")
     res = dist_save({"w": torch.ones(3)}, path, push_to_hub="org/x")
     assert not res.upload.done()  # the save returned while the upload runs
+    assert not res.upload.cancel() and res.upload.running()  # a started push is not called off
     assert any(n.endswith(".lock") for n in os.listdir(tmp_path))  # nobody replaces it meanwhile
     threading.Timer(0.5, release.set).start()
     # a save into the same path waits for that upload, then replaces the checkpoint

@@ -69,3 +69,28 @@ def test_column_boxes_of_narrow_rows_are_read_as_whole_rows(saved):
         n = f.read_into("cube", out, ((0, 0, 4), (5, 6, 3)))  # runs of 12 bytes
         assert torch.equal(out, cube[:, :, 4:7])
         assert n == 5 * 6 * 7 * 4  # the rows it spans, in one sequential read
+
+
+def test_both_readers_share_one_interface(saved, tmp_path):
+    """ShardFile and LegacyFile: the same methods, the same box check, info's offset named."""
+    from dist_saver.legacy import LegacyFile
+    from dist_saver.reader import WeightsFile, open_weights
+
+    file, t = saved
+    legacy = tmp_path / fmt.LEGACY_SINGLE_NAME
+    torch.save(t, legacy)
+    header, start = fmt.read_header(file)
+    with open_weights(file) as shard, open_weights(str(legacy)) as old:
+        assert isinstance(shard, ShardFile) and isinstance(old, LegacyFile)
+        assert isinstance(shard, WeightsFile) and isinstance(old, WeightsFile)
+        assert sorted(shard.names()) == sorted(old.names()) and shard.ties() == old.ties() == {}
+        for f in (shard, old):
+            entry = f.info("cube")
+            assert (entry.dtype, entry.shape) == (torch.int32, (5, 6, 7))
+            with pytest.raises(CheckpointError, match=r"cannot read 'cube' box \[5, 6, 3\] torch.int32 into"):
+                f.read_into("cube", torch.empty(5, 6, 2, dtype=torch.int32), ((0, 0, 4), (5, 6, 3)))
+            out = torch.empty(2, 6, 7, dtype=torch.int32)
+            assert f.read_into("cube", out, ((3, 0, 0), (2, 6, 7))) == out.nbytes == f.bytes_read
+            assert torch.equal(out, t["cube"][3:])
+        assert shard.info("cube").offset == start + header["cube"]["data_offsets"][0]
+        assert old.info("cube").offset is None  # a zip of storages: no flat data region

@@ -28,6 +28,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dist_saver import CheckpointError, dist_load, dist_save, load_state_dict, verify
+from dist_saver.layout import is_dtensor
+from dist_saver.format import nbytes
 from dist_saver.synthetic import shard_llama
 
 from .dist_utils import run_ranks
@@ -186,7 +188,7 @@ def train(model, opt, sched, layout: str, steps) -> list[float]:
 
 def full_weights(model) -> dict[str, torch.Tensor]:
     """Gathered copy of the model's state dict (collective for DTensors)."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+    return {k: (v.full_tensor() if is_dtensor(v) else v).detach().clone()
             for k, v in model.state_dict().items()}
 
 
@@ -197,7 +199,7 @@ def optimizer_snapshot(opt) -> dict:
         for j, p in enumerate(group["params"]):
             for k, v in opt.state.get(p, {}).items():
                 if torch.is_tensor(v):
-                    v = (v.to_local() if hasattr(v, "to_local") else v).detach().clone()
+                    v = (v.to_local() if is_dtensor(v) else v).detach().clone()
                 state[f"{i}.{j}.{k}"] = v
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     return {"state": state, "groups": groups}
@@ -573,7 +575,7 @@ def _optimizer_files(path) -> list[str]:
 
 
 def _optimizer_bytes(path) -> int:
-    return sum(t.numel() * t.element_size() for f in _optimizer_files(path)
+    return sum(nbytes(t.shape, t.dtype) for f in _optimizer_files(path)
                for t in load_file(os.path.join(path, f)).values())
 
 

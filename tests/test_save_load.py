@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from dist_saver import CheckpointError, SaveError, dist_load, dist_save, load_state_dict
 from dist_saver import format as fmt
 from dist_saver.synthetic import TinyLlama
-from dist_saver.writer import Streamer
+from dist_saver import writer
+from dist_saver.writer import FileOps, Streamer, using_file_ops
 
 from .helpers import assert_bitwise_equal, check_checkpoint_files, mixed_state_dict
 
@@ -49,7 +50,7 @@ def _stream_bytes(path, tensors, direct_io=True, buffer_bytes=4096, lead=1000, t
     the range starts and ends mid-block, as a rank's range does beside its neighbours'."""
     from dist_saver.checksum import Hasher
 
-    n = sum(t.numel() * t.element_size() for t in tensors)
+    n = sum(t.nbytes for t in tensors)
     size = lead + n + tail
     with Streamer(buffer_bytes=buffer_bytes, count=2, direct_io=direct_io) as s:
         s.create(str(path), b"H" * lead, size)  # the owner: header and size first
@@ -87,19 +88,18 @@ def test_stream_copies_any_strides_through_small_buffers(tmp_path, direct_io):
     assert data == expected
 
 
-def test_filesystems_without_o_direct_fall_back_to_buffered_writes(tmp_path, monkeypatch):
-    real_open = os.open
-
-    def refusing_open(path, flags, *args):  # what e.g. some network filesystems answer
+class _NoDirectIO(FileOps):
+    def open(self, path, flags, mode=0o777):  # what e.g. some network filesystems answer
         if flags & getattr(os, "O_DIRECT", 0):
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
+        return super().open(path, flags, mode)
 
-    monkeypatch.setattr(os, "open", refusing_open)
+
+def test_filesystems_without_o_direct_fall_back_to_buffered_writes(tmp_path):
     sd = {"a": torch.arange(3000, dtype=torch.int32), "b": torch.ones(7, dtype=torch.bfloat16)}
-    result = dist_save(sd, tmp_path / "ck", direct_io=True)
+    with using_file_ops(_NoDirectIO()):
+        result = dist_save(sd, tmp_path / "ck", direct_io=True)
     assert [f.direct_io for f in result.files] == [False]
-    monkeypatch.undo()
     assert_bitwise_equal(load_state_dict(tmp_path / "ck"), sd)
     result = dist_save(sd, tmp_path / "ck2", direct_io=True)
     assert [f.direct_io for f in result.files] == [hasattr(os, "O_DIRECT")]
@@ -198,52 +198,56 @@ def test_one_summary_line_per_save_and_load(tmp_path, caplog):
     assert lines[1].startswith(f"loaded {tmp_path / 'c'}: ") and "slowest rank 0" in lines[1]
 
 
-def test_buffered_path_with_early_writeback_is_bit_exact(tmp_path, monkeypatch):
+class _DropSpy(FileOps):
+    """Records the end of every range the writeback drops from the page cache."""
+
+    def __init__(self, lag):
+        super().__init__(writeback_lag=lag)
+        self.dropped = []
+
+    def drop_cached(self, fd, offset, nbytes):
+        super().drop_cached(fd, offset, nbytes)
+        self.dropped.append(offset + nbytes)
+
+
+def test_buffered_path_with_early_writeback_is_bit_exact(tmp_path):
     """The default buffered path: writeback starts per buffer, ranges behind the lag are dropped."""
-    import dist_saver.writer as writer
     from dist_saver import verify
 
-    monkeypatch.setattr(writer, "WRITEBACK_LAG_BYTES", 1 << 20)
-    dropped = []
-    real = writer._Writeback.wrote
-
-    def spy(self, end):
-        real(self, end)
-        dropped.append(self.done)
-
-    monkeypatch.setattr(writer._Writeback, "wrote", spy)
     gen = torch.Generator().manual_seed(7)
     sd = {"big": torch.randint(0, 255, (40 << 20,), dtype=torch.uint8, generator=gen),
           "odd": torch.randn(333, 77, generator=gen).t()}  # 40 MiB + a strided tail
-    res = dist_save(sd, tmp_path / "ck")
+    with using_file_ops(_DropSpy(1 << 20)) as ops:
+        res = dist_save(sd, tmp_path / "ck")
     assert not any(f.direct_io for f in res.files)
     assert_bitwise_equal(load_state_dict(tmp_path / "ck"), sd)
     verify(tmp_path / "ck")
-    if writer._SYNC_FILE_RANGE is not None:  # Linux: the dirty tail stayed bounded
-        assert max(dropped) >= (40 << 20) - (1 << 20) - writer.DEFAULT_BUFFER_BYTES
+    if ops.can_writeback:  # Linux: the dirty tail stayed bounded
+        assert max(ops.dropped) >= (40 << 20) - (1 << 20) - writer.DEFAULT_BUFFER_BYTES
+
+
+class _FailingWriteback(FileOps):
+    """sync_file_range that fails with err when it waits for a range to be on disk."""
+
+    def __init__(self, err):
+        super().__init__(writeback_lag=1 << 20)
+        self.can_writeback, self.err = True, err
+
+    def sync_file_range(self, fd, offset, nbytes, flags):
+        if flags & writer.SFR_WAIT_AFTER:
+            raise OSError(self.err, f"sync_file_range: {os.strerror(self.err)}")
 
 
 @pytest.mark.parametrize("err", [errno.EIO, errno.EINVAL])
-def test_a_writeback_error_fails_the_save_but_an_unsupported_hint_does_not(tmp_path, monkeypatch, err):
+def test_a_writeback_error_fails_the_save_but_an_unsupported_hint_does_not(tmp_path, err):
     """The waiting sync_file_range reports a write error once (fsync would not see it again), so
     it must fail the save; EINVAL only means the file system does not take the hint."""
-    import ctypes
-
-    import dist_saver.writer as writer
-
-    def failing(fd, offset, nbytes, flags):
-        if flags & 4:  # the call that waits for the range to be on disk
-            ctypes.set_errno(err)
-            return -1
-        return 0
-
-    monkeypatch.setattr(writer, "WRITEBACK_LAG_BYTES", 1 << 20)
-    monkeypatch.setattr(writer, "_SYNC_FILE_RANGE", failing)
     sd = {"w": torch.arange(4 << 20, dtype=torch.int32)}  # 16 MiB: past the lag
-    if err == errno.EIO:
-        with pytest.raises(SaveError, match="Input/output error"):
+    with using_file_ops(_FailingWriteback(err)):
+        if err == errno.EIO:
+            with pytest.raises(SaveError, match="Input/output error"):
+                dist_save(sd, tmp_path / "ck")
+            assert not (tmp_path / "ck").exists()
+        else:
             dist_save(sd, tmp_path / "ck")
-        assert not (tmp_path / "ck").exists()
-    else:
-        dist_save(sd, tmp_path / "ck")
-        assert_bitwise_equal(load_state_dict(tmp_path / "ck"), sd)
+            assert_bitwise_equal(load_state_dict(tmp_path / "ck"), sd)

@@ -7,12 +7,11 @@ from torch.distributed.tensor import Replicate, Shard
 
 from dist_saver.exchange import make_schedule
 from dist_saver.layout import Layout, check_tiling, group_boxes, merged, rank_boxes
+from dist_saver.format import nbytes
 from dist_saver.plan import TensorInfo, make_plan
+from dist_saver.torch_compat import strided_shard_type
 
-try:
-    from torch.distributed.tensor.placement_types import _StridedShard
-except ImportError:  # pragma: no cover
-    _StridedShard = None
+StridedShard = strided_shard_type()
 
 
 def test_boxes_fsdp_uneven_and_2d_strided():
@@ -21,27 +20,24 @@ def test_boxes_fsdp_uneven_and_2d_strided():
         0: ((0, 0), (18, 10)), 1: ((18, 0), (18, 10)), 2: ((36, 0), (18, 10)), 3: ((54, 0), (16, 10))}
     tp_cols = Layout((2,), (0, 1), (Shard(1),))
     assert rank_boxes((4, 100), tp_cols) == {0: ((0, 0), (4, 50)), 1: ((0, 50), (4, 50))}
-    if _StridedShard is not None:
+    if StridedShard is not None:
         # FSDP over tensor parallel on the same dim: TP halves first, then FSDP splits each half
-        two_d = Layout((2, 2), (0, 1, 2, 3), (_StridedShard(0, split_factor=2), Shard(0)))
+        two_d = Layout((2, 2), (0, 1, 2, 3), (StridedShard(0, split_factor=2), Shard(0)))
         boxes = rank_boxes((100, 8), two_d)
         assert boxes == {0: ((0, 0), (25, 8)), 2: ((25, 0), (25, 8)), 1: ((50, 0), (25, 8)), 3: ((75, 0), (25, 8))}
         check_tiling("w", (100, 8), two_d, boxes)
 
 
-@pytest.mark.skipif(_StridedShard is None, reason="no _StridedShard in this torch")
+@pytest.mark.skipif(StridedShard is None, reason="no _StridedShard in this torch")
 def test_a_layout_whose_pieces_are_not_boxes_is_refused():
-    interleaved = Layout((2,), (0, 1), (_StridedShard(0, split_factor=2),))  # rows 0-24 + 50-74 on rank 0
+    interleaved = Layout((2,), (0, 1), (StridedShard(0, split_factor=2),))  # rows 0-24 + 50-74 on rank 0
     with pytest.raises(ValueError, match=r"'w' .* not boxes that tile"):
         check_tiling("w", (100, 8), interleaved, rank_boxes((100, 8), interleaved))
 
 
 def _plan(shape, layouts, world, bucket=1 << 20, dtype="F32", max_shard_size=None):
-    n = 4
-    for s in shape:
-        n *= s
     boxes = {"w": group_boxes("w", shape, layouts, lambda r: r)}
-    plan = make_plan([TensorInfo("w", dtype, shape, n)], world, max_shard_size, boxes=boxes)
+    plan = make_plan([TensorInfo("w", dtype, shape, nbytes(shape, dtype))], world, max_shard_size, boxes=boxes)
     return plan, make_schedule(plan, {"w": shape}, boxes, bucket), boxes
 
 

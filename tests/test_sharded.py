@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 
 from dist_saver import SaveError, dist_load, dist_save, load_state_dict
+from dist_saver.layout import is_dtensor
+from dist_saver.format import nbytes
 from dist_saver.memory import PeakRSS
 
 from .dist_utils import run_ranks
@@ -39,8 +41,8 @@ def _load(rank, world, layout, path):
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     needs = {}  # name -> (bytes of this rank's piece, whether it is split by columns)
     for name, v in model.state_dict().items():
-        local = v.to_local() if hasattr(v, "to_local") else v
-        needs[name] = (local.numel() * local.element_size(), tuple(local.shape[1:]) != tuple(v.shape[1:]))
+        local = v.to_local() if is_dtensor(v) else v
+        needs[name] = (nbytes(local.shape, local.dtype), tuple(local.shape[1:]) != tuple(v.shape[1:]))
     return {"bytes_read": res.bytes_read, "local_bytes": local_bytes(model), "tied": tied,
             "files": sorted(res.files_opened), "requests": requests, "needs": needs}
 
@@ -92,7 +94,7 @@ def test_save_in_one_layout_load_in_another(tmp_path, src, dst):
     # same bytes as the unsharded model, tied embedding stored once
     assert_bitwise_equal(load_state_dict(path), reference_state_dict())
     outs = run_ranks(_load, dst[1], dst[0], path)
-    total = sum(t.numel() * t.element_size() for t in load_state_dict(path).values()
+    total = sum(nbytes(t.shape, t.dtype) for t in load_state_dict(path).values()
                 if t.data_ptr() != 0) - 50 * 100 * 4  # tied lm_head counted once
     for out in outs:
         assert out["tied"]
