@@ -220,16 +220,23 @@ class Exchanger:
     def finish(self) -> None:
         """Take part in the rounds left (this rank may still have pieces to send), even after an
         error here; stop only when a collective fails (the group is broken)."""
-        error = None
-        while self.done_rounds < self.sched.rounds:
-            try:
-                self._run_round()
-            except SaveError:
-                raise
-            except Exception as e:
-                error = error or e
-        if error is not None:
-            raise error
+        run_rounds(range(self.done_rounds, self.sched.rounds), lambda k, ok: self._run_round())
+
+
+def run_rounds(rounds: Iterable[int], step: Callable[[int, bool], None]) -> None:
+    """step(k, ok) for every round k, even after an error on this rank (the others wait for its
+    part of each round's collective; ok turns False after the first error); raises that error at
+    the end, or at once if a collective fails (SaveError: the group is broken, nobody is waiting)."""
+    error = None
+    for k in rounds:
+        try:
+            step(k, error is None)
+        except SaveError:
+            raise
+        except Exception as e:
+            error = error or e
+    if error is not None:
+        raise error
 
 
 def padded(n: int) -> int:

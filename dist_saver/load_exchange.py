@@ -17,9 +17,8 @@ from typing import Callable, Mapping, NamedTuple
 import torch
 
 from . import format as fmt
-from .errors import SaveError
 from .buffers import scratch
-from .exchange import padded, padded_sizes
+from .exchange import padded, padded_sizes, run_rounds
 from .layout import Box, Layout, group_boxes, is_nonempty, merged
 from .format import nbytes
 
@@ -156,16 +155,7 @@ class ColumnLoader:
     def run(self) -> None:
         """Every round, even after an error here (the others wait for this rank's part); raises
         the first error at the end, or at once if a collective fails."""
-        error = None
-        for k in range(self.sched.rounds):
-            try:
-                self._round(k, error is None)
-            except SaveError:
-                raise
-            except Exception as e:
-                error = error or e
-        if error is not None:
-            raise error
+        run_rounds(range(self.sched.rounds), self._round)
 
     def _round(self, k: int, work: bool) -> None:
         world = self.comm.world_size
