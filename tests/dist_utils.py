@@ -17,17 +17,27 @@ class RankFailed(AssertionError):
     pass
 
 
+def attempt(fn, *args, **kwargs) -> tuple[bool, object]:
+    """(True, fn's value) or (False, its traceback): a worker reports a failure instead of dying
+    with it, so the test names the rank and scenario."""
+    try:
+        return True, fn(*args, **kwargs)
+    except BaseException:
+        return False, traceback.format_exc()
+
+
+def _init_and_run(fn, rank, world_size, init_file, args, kwargs):
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    return fn(rank, world_size, *args, **kwargs)
+
+
 def _entry(fn, rank, world_size, init_file, results, args, kwargs):
     torch.set_num_threads(1)  # N processes share 2 cores
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=60),
-        )
-        out = fn(rank, world_size, *args, **kwargs)
-        results.put((rank, True, out))
-    except BaseException:
-        results.put((rank, False, traceback.format_exc()))
+        results.put((rank, *attempt(_init_and_run, fn, rank, world_size, init_file, args, kwargs)))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

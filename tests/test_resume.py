@@ -32,7 +32,7 @@ from dist_saver.layout import is_dtensor
 from dist_saver.format import nbytes
 from dist_saver.synthetic import shard_llama
 
-from .dist_utils import run_ranks
+from .dist_utils import attempt, run_ranks
 from .helpers import assert_bitwise_equal, leftovers
 
 # 50 vocabulary rows and 50 MLP rows split unevenly over 4 FSDP ranks; 4 query heads, 2 KV heads
@@ -255,12 +255,8 @@ def _tensors(obj):
 
 
 def _guarded(fn, *args, **kwargs):
-    import traceback
-
-    try:
-        return _portable(fn(*args, **kwargs))
-    except Exception:  # noqa: BLE001  (the test that owns the scenario raises it)
-        return {"error": traceback.format_exc()}
+    ok, out = attempt(fn, *args, **kwargs)  # the test that owns the scenario raises its error
+    return _portable(out) if ok else {"error": out}
 
 
 def _unwrap(out: dict, rank: int = 0) -> dict:
