@@ -29,19 +29,7 @@ from dist_saver import dist_save, dist_load
 from dist_saver.memory import PeakRSS
 from dist_saver.synthetic import TinyLlama, llama_config_for_bytes
 
-
-def drop_cache(path: str) -> str:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return "drop_caches"
-    except OSError:
-        for name in os.listdir(path):
-            fd = os.open(os.path.join(path, name), os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-        return "fadvise(DONTNEED)"
+from harness import drop_page_cache  # noqa: E402  (same directory)
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> float:
@@ -127,7 +115,7 @@ def main() -> None:
                         t.zero_()
                     sync()
                     if cache == "cold":
-                        how = drop_cache(path)
+                        how = drop_page_cache([path])
                     with PeakRSS() as mem:
                         t0 = time.perf_counter()
                         out = fn()

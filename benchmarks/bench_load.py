@@ -24,18 +24,7 @@ import torch.distributed as dist
 from dist_saver import dist_load, dist_save
 
 from bench_save import build_model  # noqa: E402  (same directory)
-
-
-def _disk_read() -> int:
-    with open("/proc/self/io") as f:
-        return int(dict(line.split(": ") for line in f.read().splitlines())["read_bytes"])
-
-
-def _drop_cache(path: str) -> None:
-    for name in os.listdir(path):
-        fd = os.open(os.path.join(path, name), os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
+from harness import evict, read_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -89,9 +78,9 @@ def main() -> None:
         for name, (fn, need) in rows.items():
             dist.barrier()
             if rank == 0:
-                _drop_cache(path)
+                evict([path])
             dist.barrier()
-            before = _disk_read()
+            before = read_bytes()
             t0 = time.perf_counter()
             try:
                 fn()
@@ -102,7 +91,7 @@ def main() -> None:
                     print(f"  {name}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             seconds = time.perf_counter() - t0
             stats = [None] * world
-            dist.all_gather_object(stats, (seconds, _disk_read() - before, ok))
+            dist.all_gather_object(stats, (seconds, read_bytes() - before, ok))
             if all(s[2] for s in stats):
                 results.setdefault(name, []).append((max(s[0] for s in stats), sum(s[1] for s in stats), need))
     if rank == 0:

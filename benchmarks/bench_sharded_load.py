@@ -31,10 +31,7 @@ import torch.distributed as dist
 from dist_saver import dist_load, dist_save
 from dist_saver.synthetic import TinyLlama, llama_config_for_bytes, shard_llama
 
-
-def _read_bytes() -> int:
-    with open("/proc/self/io") as f:
-        return int(dict(line.split(": ") for line in f.read().splitlines())["read_bytes"])
+from harness import drop_page_cache, read_bytes, start_ranks  # noqa: E402  (same directory)
 
 
 def build(layout: str, cfg: dict, world: int, device: str) -> torch.nn.Module:
@@ -58,22 +55,9 @@ def locals_of(model) -> dict[str, torch.Tensor]:
 
 
 def drop_cache(dirs: list[str], rank: int) -> str:
+    """Rank 0 empties the page cache while the others wait; every rank gets how it was done."""
     dist.barrier()
-    how = "drop_caches"
-    if rank == 0:
-        os.sync()
-        try:
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
-        except OSError:
-            how = "fadvise"
-            for d in dirs:
-                for root, _, files in os.walk(d):
-                    for name in files:
-                        fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                        os.close(fd)
-    box = [how]
+    box = [drop_page_cache(dirs) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     dist.barrier()
     return box[0]
@@ -89,11 +73,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if args.device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    rank, world = start_ranks(args.device)
     cfg = llama_config_for_bytes(int(args.size_gb * 1e9))
     model = build(args.layout, cfg, world, args.device)
     expected = {k: v.clone() for k, v in locals_of(model).items()}
@@ -130,13 +110,13 @@ def main() -> None:
             how = drop_cache([ours, theirs], rank)
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            before = _read_bytes()
+            before = read_bytes()
             t0 = time.perf_counter()
             fn()
             if args.device == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
-            read = _read_bytes() - before
+            read = read_bytes() - before
             ok = all(torch.equal(v, expected[k]) for k, v in locals_of(model).items())
             stats = [None] * world
             dist.all_gather_object(stats, (seconds, read, needed, ok))

@@ -33,6 +33,8 @@ from dist_saver.buffers import aligned_empty, as_bytes
 from dist_saver.memory import PeakRSS
 from dist_saver.synthetic import TinyLlama, llama_config_for_bytes, shard_llama
 
+from harness import start_ranks  # noqa: E402  (same directory)
+
 
 def build(layout: str, cfg: dict, world: int, device: str) -> torch.nn.Module:
     """The model on meta, sharded as asked, then materialised on device with cheap distinct values."""
@@ -59,13 +61,9 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="append the results as a JSON line here")
     args = ap.parse_args()
 
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = start_ranks(args.device)
     if args.layout == "2d" and (world < 4 or world % 2):
         raise SystemExit("--layout 2d needs an even world size >= 4 (tp=2 inside world/2 dp replicas)")
-    if args.device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     cfg = llama_config_for_bytes(int(args.size_gb * 1e9))
     replicated = build("replicated", cfg, world, args.device)
     sharded = build(args.layout, cfg, world, args.device)

@@ -42,6 +42,8 @@ from dist_saver import dist_load, dist_save
 from dist_saver.memory import PeakRSS
 from dist_saver.synthetic import TinyLlama, llama_config_for_bytes, shard_llama
 
+from harness import evict, start_ranks  # noqa: E402  (same directory)
+
 
 def build(cfg: dict, world: int, device: str) -> torch.nn.Module:
     """The model on meta, FSDP2-sharded, then materialised on device with cheap distinct values."""
@@ -108,18 +110,6 @@ def disk_bytes(path: str) -> int:
     return total
 
 
-def drop_cache(paths) -> None:
-    """Evict the (written back) files from the page cache, so a load reads the storage."""
-    for path in paths:
-        for root, _, files in os.walk(path):
-            for f in files:
-                fd = os.open(os.path.join(root, f), os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-gb", type=float, default=1.0, help="bf16 model size (the checkpoint is ~5x)")
@@ -141,11 +131,7 @@ def main() -> None:
         set_optimizer_state_dict,
     )
 
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if args.device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    rank, world = start_ranks(args.device)
     cfg = llama_config_for_bytes(int(args.size_gb * 1e9))
     model = build(cfg, world, args.device)
     state_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.state_dtype]
@@ -226,7 +212,7 @@ def main() -> None:
             init_state(model, opt, state_dtype, zero=True)
             dist.barrier()
             if not args.warm:
-                drop_cache([ours_dir, dcp_dir])
+                evict([ours_dir, dcp_dir])
             timed(name, fn)
             check_filled(model, opt)
     dist.barrier()

@@ -14,10 +14,10 @@ import torch
 from . import format as fmt
 from .comm import Comm, describe_error, raise_if_failed
 from .errors import CheckpointError, DistSaverWarning
-from .layout import is_nonempty, layout_of, rank_boxes
+from .layout import Layout, is_nonempty, layout_of, rank_boxes
 from .format import nbytes
 from .progress import Progress
-from .reader import open_weights
+from .reader import is_one_run, open_weights
 from .state import alias_key, as_state_dict
 from .buffers import staging_buffer
 from .load_exchange import ColumnLoader, ColumnRead, make_schedule as make_load_schedule
@@ -249,7 +249,7 @@ def _column_schedule(groups, comm: Comm):
 def _run_columns(schedule, comm: Comm, parts, result: LoadResult, bar) -> None:
     targets, files, opened = {}, {}, {}
     for i, part in enumerate(parts):
-        for stored, target in part.columns.items():
+        for stored, (target, _) in part.columns.items():
             targets[(i, stored)] = target.to_local().detach()
     for c in schedule.chunks:  # the files of the chunks this rank reads
         if c.reader == comm.rank:
@@ -283,18 +283,22 @@ class _Reads:
         self.checks = checks  # stored name -> [(tied target name, tensor)]: shape and dtype only
         self.by_file = _by_file(index, set(reads) | set(checks))
         self.saved: dict = {}
-        # stored name -> a DTensor target whose box is split by columns (not one run of the file):
-        # read once per group through the load exchange instead of directly (multi-rank loads)
-        self.columns: dict[str, torch.Tensor] = {}
+        # stored name -> (a DTensor target whose box is split by columns, not one run of the file;
+        # its layout): read once per group through the load exchange instead of directly
+        self.columns: dict[str, tuple[torch.Tensor, Layout]] = {}
+        if comm is None or comm.world_size == 1:
+            return
         for stored, entries in reads.items():
             name, target, box = entries[0]
-            if (comm is not None and comm.world_size > 1 and box is not None and not _is_run(box, tuple(target.shape))
-                    and all(comm.group_rank(r) >= 0 for r in layout_of(name, target).mesh_ranks)):
-                self.columns[stored] = target
+            if box is None or is_one_run(tuple(target.shape), *box):
+                continue
+            layout = layout_of(name, target)
+            if all(comm.group_rank(r) >= 0 for r in layout.mesh_ranks):
+                self.columns[stored] = (target, layout)
 
     def column_reads(self, part: int) -> list[ColumnRead]:
         return [ColumnRead((part, stored), self.index.weight_map[stored], tuple(t.shape), fmt.dtype_code(t.dtype),
-                           layout_of(stored, t)) for stored, t in sorted(self.columns.items())]
+                           layout) for stored, (t, layout) in sorted(self.columns.items())]
 
     def nbytes(self) -> int:
         return sum(nbytes(t.shape if box is None else box[1], t.dtype)
@@ -446,13 +450,6 @@ def _restore_rng(train: dict | None, comm: Comm, wanted: bool) -> None:
         restore_rng(rngs[comm.rank])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{fmt.TRAIN_STATE_NAME}: rank {comm.rank}'s RNG state cannot be restored: {e}") from None
-
-
-def _is_run(box, shape: tuple[int, ...]) -> bool:
-    """Whether a box is one contiguous run of the tensor's row-major bytes."""
-    off, shp = box
-    k = next((d for d, s in enumerate(shp) if s != 1), len(shp))  # leading dims of one row
-    return all(o == 0 and s == n for o, s, n in zip(off[k + 1:], shp[k + 1:], shape[k + 1:]))
 
 
 def _span(info: tuple, box) -> tuple[int, int]:

@@ -148,7 +148,7 @@ class ColumnLoader:
     def _into_target(self, key: tuple, piece: Piece, data: torch.Tensor) -> None:
         box = self.sched.boxes[key][self.rank]
         index = tuple(slice(o - bo, o - bo + s) for o, bo, s in zip(piece.offset, box[0], piece.shape))
-        self.targets[key][index].copy_(data)
+        self.targets[key][index].copy_(data)  # blocking: the buffer is free to reuse once it returns
         if self.progress is not None:
             self.progress.add(piece.nbytes)
 
@@ -180,8 +180,6 @@ class ColumnLoader:
             dtype = self.targets[key].dtype
             self._into_target(key, p, recv[pos : pos + p.nbytes].view(dtype).view(p.shape))
             pos += padded(p.nbytes)
-        if self.pin:  # the next round's all_to_all reuses the receive buffer
-            torch.cuda.synchronize()
 
     def _read_and_pack(self, k: int, send: torch.Tensor, send_sizes: list[int]) -> None:
         starts, pos = [], 0

@@ -277,6 +277,13 @@ def _run_dim(shape, offset, bshape, item) -> tuple[int, int]:
     return k, item * math.prod(shape[k + 1 :])
 
 
+def is_one_run(shape, offset, bshape) -> bool:
+    """Whether the box is one contiguous run of the tensor's row-major bytes (whole rows, or part
+    of one row): every dim before the last partial one has extent 1."""
+    k, _ = _run_dim(shape, offset, bshape, 1)
+    return all(s == 1 for s in bshape[:k])
+
+
 def _run_length(shape, offset, bshape, item) -> int:
     k, step = _run_dim(shape, offset, bshape, item)
     return bshape[k] * step if k > 0 else 1 << 62  # a range of whole rows is one run however short

@@ -121,13 +121,18 @@ def edit_header(path: Path, edit) -> None:
     write_shard(path, header, data, pad_to=n)
 
 
+def readers(d: Path, state: dict) -> tuple:
+    """(name, call) of every way to read the checkpoint at d into something like state."""
+    return (("verify", lambda: verify(d)),
+            ("load_state_dict", lambda: load_state_dict(d)),
+            ("dist_load", lambda: _dist_load(d, state, False)),
+            ("dist_load(verify)", lambda: _dist_load(d, state, True)))
+
+
 def all_loads(d: Path, state: dict) -> dict:
     """What each reader says: "ok" with its tensors, or the CheckpointError."""
     out = {}
-    for what, call in (("load_state_dict", lambda: load_state_dict(d)),
-                       ("verify", lambda: verify(d)),
-                       ("dist_load", lambda: _dist_load(d, state, False)),
-                       ("dist_load(verify)", lambda: _dist_load(d, state, True))):
+    for what, call in readers(d, state):
         try:
             out[what] = ("ok", call())
         except CheckpointError as e:
@@ -656,10 +661,7 @@ def test_fuzz_only_checkpoint_errors_and_never_silently_different_tensors(saved,
         # the digest vouches for an index it signed: ours, not re-signed by the mutation
         signed = _signed(d) and "redigest" not in flags
         results = {}
-        for what, call in (("verify", lambda: verify(d)),
-                           ("load_state_dict", lambda: load_state_dict(d)),
-                           ("dist_load", lambda: _dist_load(d, expected, False)),
-                           ("dist_load(verify)", lambda: _dist_load(d, expected, True))):
+        for what, call in readers(d, expected):
             try:
                 results[what] = ("ok", call())
             except CheckpointError:
