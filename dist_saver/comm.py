@@ -1,10 +1,11 @@
 """The collectives of saves and loads, and how their failures are agreed on.
 
 What this module owns: every collective dist_saver itself runs (all_gather_object, broadcast,
-all_to_all of byte buffers, through Comm), the save's own gloo group with its timeout
-(save_group), the store keys that name ranks which never joined or stopped answering, and the
-rule that a step which failed on one rank raises on every rank (Comm.step, Comm.agree,
-raise_if_failed) instead of leaving the others waiting in a collective.
+all_to_all of byte buffers, through Comm), the gloo group of our own that saves and loads run on
+with their timeout (own_group), the name of the torchrun attempt that scopes every store key and
+group of ours (attempt_scope), the store keys that name ranks which never joined or stopped
+answering, and the rule that a step which failed on one rank raises on every rank (Comm.step,
+Comm.agree, raise_if_failed) instead of leaving the others waiting in a collective.
 
 What it does not own: other modules call torch.distributed directly for what is not a
 collective of ours: the CLI creates and destroys the process group under torchrun; layout.py and
@@ -21,22 +22,28 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import os
 import pickle
 import traceback
 import weakref
 from typing import Any, Sequence
 
+import torch
 import torch.distributed as dist
 
 from .errors import CollectiveError, DistSaverError, SaveError
-from .torch_compat import default_store
+from .torch_compat import collective_device, default_store, new_gloo_group
 
 
 # The user's group -> {timeout: our gloo group}. Keyed by the group object itself (weakly), not by
 # "world": after destroy_process_group() and a new init_process_group() the world is a new object,
 # and the groups made for the old one are unregistered (using them raises "Group ... is not
 # registered"). Elastic restarts and test suites re-initialise in one process.
-_save_groups: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_groups: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# The user's group -> the attempt's scope (see attempt_scope), agreed once per group object.
+_scopes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Our group -> {op: the calls of it so far} (see Comm.never_entered).
+_entries: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def is_registered(group) -> bool:
@@ -48,54 +55,96 @@ def is_registered(group) -> bool:
         return False
 
 
-JOINING = "joining the save (creating its process group)"  # the stage of save_group's errors
+def joining(op: str) -> str:
+    """The stage of the errors of own_group: "joining the save (creating its process group)"."""
+    return f"joining the {_noun(op)} (creating its process group)"
 
 
-def save_group(process_group=None, timeout: float = 600.0):
-    """A gloo group with the same ranks and our own timeout, made once per (group, timeout).
+def _noun(op: str) -> str:
+    return {"dist_save": "save", "dist_load": "load"}.get(op, op)
 
-    Saves run their collectives here: a dead rank makes the others fail within `timeout`
-    instead of the default 30 minutes, and async saves never interleave with the training's
-    collectives on its own group. None when torch.distributed is not initialised.
+
+def own_group(process_group=None, timeout: float = 600.0, op: str = "dist_save"):
+    """A gloo group of the same ranks with our own timeout, made once per (group, timeout) and
+    shared by saves and loads. None when torch.distributed is not initialised.
+
+    Saves and loads run every collective here, whatever the caller's group is (NCCL carries no
+    host tensors): a dead rank makes the others fail within `timeout` instead of the default 30
+    minutes, and async saves never interleave with the training's collectives on its own group.
 
     Making it is collective: every rank first checks in through the store, so a rank that never
-    calls dist_save is named in a CollectiveError after `timeout` (instead of the store's raw
-    timeout from inside new_group).
+    calls `op` is named in a CollectiveError after `timeout` (instead of the store's raw timeout
+    from inside the group's creation). Its name, and so every store key of ours, is unique to the
+    torchrun attempt (attempt_scope).
     """
     if not (dist.is_available() and dist.is_initialized()):
         return None
     base = process_group if process_group is not None else dist.group.WORLD
-    made = _save_groups.setdefault(base, {})
+    made = _groups.setdefault(base, {})
     group = made.get(float(timeout))
     if group is not None and is_registered(group):
         return group
     ranks = dist.get_process_group_ranks(base)
     if dist.get_rank() not in ranks:
         raise ValueError("this rank is not a member of the given process_group")
-    _check_in(ranks, timeout, f"{len(made)}/{float(timeout)}")
+    scope = attempt_scope(base, ranks, timeout, op)
+    digest = hashlib.sha1(",".join(map(str, ranks)).encode()).hexdigest()[:12]
+    name = f"dist_saver/{scope}/{digest}/{len(made)}/{float(timeout):g}"
+    _check_in(name, ranks, timeout, op)
     try:
-        group = dist.new_group(
-            ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout), use_local_synchronization=True
-        )
+        group = new_gloo_group(ranks, name, timeout, default_store())
     except Exception as e:  # e.g. a rank that checked in died before connecting
         raise CollectiveError(
-            f"rank {ranks.index(dist.get_rank())}: creating the save's process group of (global) ranks "
+            f"rank {ranks.index(dist.get_rank())}: creating the {_noun(op)}'s process group of (global) ranks "
             f"{_ranks_text(ranks)} failed "
-            f"(a rank died or stopped responding, or the save's timeout of {timeout:g}s passed): "
-            f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}", stage=JOINING,
+            f"(a rank died or stopped responding, or the {_noun(op)}'s timeout of {timeout:g}s passed): "
+            f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}", stage=joining(op),
         ) from e
     made[float(timeout)] = group
     return group
 
 
-def _check_in(ranks: list[int], timeout: float, generation: str) -> None:
+def attempt_scope(base, ranks: Sequence[int], timeout: float, op: str = "dist_save") -> str:
+    """A name for this attempt of the job, the same on every rank of `base`: part of every store
+    key and group name of ours.
+
+    torchrun's agent keeps its store across restarts and hands it to the workers of every attempt
+    (TORCHELASTIC_USE_AGENT_STORE=True), so keys written by a dead attempt are still there; names
+    derived from the ranks or from counters repeat, and a new group would connect to dead peers.
+    TORCHELASTIC_RESTART_COUNT cannot tell attempts apart: an agent whose workers were restarted
+    because another node's failed does not count it, so nodes disagree. Under that store rank 0
+    draws 16 random bytes and broadcasts them on the caller's group (its connections are this
+    attempt's by construction), once per group object. Elsewhere every init_process_group makes a
+    store of its own, and the scope is "0".
+    """
+    scope = _scopes.get(base)
+    if scope is not None:
+        return scope
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or len(ranks) < 2:
+        scope = "0"
+    else:
+        nonce = torch.frombuffer(bytearray(os.urandom(16)), dtype=torch.uint8)
+        try:
+            nonce = nonce.to(collective_device(base))
+            work = dist.broadcast(nonce, src=ranks[0], group=base, async_op=True)
+            work.wait(datetime.timedelta(seconds=timeout))
+        except Exception as e:
+            raise CollectiveError(
+                f"rank {ranks.index(dist.get_rank())}: agreeing on the torchrun attempt's name on the process group "
+                f"failed (a rank died, did not call {op} or stopped responding within {timeout:g}s): "
+                f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}", stage=joining(op)) from e
+        scope = bytes(nonce.cpu().tolist()).hex()
+    _scopes[base] = scope
+    return scope
+
+
+def _check_in(name: str, ranks: list[int], timeout: float, op: str) -> None:
     """Every rank of the new group says it is here and waits up to timeout for the others; raises
     a CollectiveError naming those that never came. No-op without a store or for one rank."""
     store = default_store()
     if store is None or len(ranks) < 2:
         return
-    digest = hashlib.sha1(",".join(map(str, ranks)).encode()).hexdigest()[:12]
-    keys = [f"dist_saver/join/{digest}/{generation}/{r}" for r in ranks]
+    keys = [f"{name}/join/{r}" for r in ranks]
     me = keys[ranks.index(dist.get_rank())]
     store.set(me, b"1")
     try:
@@ -108,13 +157,16 @@ def _check_in(ranks: list[int], timeout: float, generation: str) -> None:
         store.delete_key(me)  # a later attempt must not count this one as arrived
     except Exception:
         missing = []
-    who = (f"rank(s) {_ranks_text(missing)} of {len(ranks)} did not call dist_save" if missing
-           else "not every rank called dist_save")
-    raise CollectiveError(
-        f"rank {ranks.index(dist.get_rank())}: {who} within the save's timeout of {timeout:g}s; every rank of "
-        "the process group must call it (a rank that died, hangs, or skipped the save)",
-        failures={r: f"did not call dist_save within {timeout:g}s" for r in missing}, stage=JOINING,
-    ) from cause
+    raise _never_came(ranks.index(dist.get_rank()), len(ranks), missing, timeout, op) from cause
+
+
+def _never_came(rank: int, size: int, missing: list[int], timeout: float, op: str) -> CollectiveError:
+    who = (f"rank(s) {_ranks_text(missing)} of {size} did not call {op}" if missing
+           else f"not every rank called {op}")
+    return CollectiveError(
+        f"rank {rank}: {who} within the {_noun(op)}'s timeout of {timeout:g}s; every rank of "
+        f"the process group must call it (a rank that died, hangs, or skipped the {_noun(op)})",
+        failures={r: f"did not call {op} within {timeout:g}s" for r in missing}, stage=joining(op))
 
 
 def _ranks_text(ranks: Sequence[int]) -> str:
@@ -124,11 +176,17 @@ def _ranks_text(ranks: Sequence[int]) -> str:
 class Comm:
     """This rank's view of a process group (None: the world's; no process group: a group of one):
     its rank, size, and the collectives saves and loads run on it. timeout: the group's collective
-    timeout in seconds, for messages (None: the group's own)."""
+    timeout in seconds, for messages (None: the group's own).
 
-    def __init__(self, process_group=None, timeout: float | None = None):
+    op ("dist_save", "dist_load"): the call this Comm serves. Each rank then records in the store
+    that it entered the group's n-th such call, so when a collective of the call breaks, the
+    ranks that never entered it are named (CollectiveError) instead of a bare timeout.
+    """
+
+    def __init__(self, process_group=None, timeout: float | None = None, op: str | None = None):
         self.active = dist.is_available() and dist.is_initialized()
         self.timeout = timeout  # seconds, of the group's collectives (None: the group's own)
+        self.op = op
         if process_group is not None and not self.active:
             raise ValueError("process_group given but torch.distributed is not initialised")
         self.group = process_group
@@ -139,6 +197,41 @@ class Comm:
                 raise ValueError("this rank is not a member of the given process_group")
         else:
             self.rank, self.world_size = 0, 1
+        self._entered = self._enter() if op is not None else None
+
+    @property
+    def key_prefix(self) -> str:
+        """Where this group's store keys live: our groups' names are unique to the attempt."""
+        name = getattr(self.identity, "group_name", "") or ""
+        return name if name.startswith("dist_saver/") else f"dist_saver/{name}"
+
+    def _enter(self) -> int | None:
+        """Record in the store that this rank entered the group's next `op`; its number."""
+        if not self.active or self.world_size == 1:
+            return None
+        counts = _entries.setdefault(self.identity, {})
+        n = counts[self.op] = counts.get(self.op, 0) + 1
+        store = default_store()
+        try:
+            store.set(f"{self.key_prefix}/{self.op}/{self.rank}", str(n))
+        except Exception:  # no store: a broken collective is then reported without names
+            return None
+        return n
+
+    def never_entered(self) -> list[int]:
+        """After a collective broke: the ranks that have not entered this call (empty if unknown)."""
+        if self._entered is None:
+            return []
+        store = default_store()
+        out = []
+        try:
+            for r in range(self.world_size):
+                key = f"{self.key_prefix}/{self.op}/{r}"
+                if not store.check([key]) or int(store.get(key)) < self._entered:
+                    out.append(r)
+        except Exception:  # the store itself is gone (e.g. it lived in the dead rank)
+            return []
+        return out
 
     def global_rank(self, group_rank: int) -> int:
         if not self.active or self.group is None:
@@ -189,14 +282,14 @@ class Comm:
         """
         payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if error is None else b""
         digest = hashlib.sha256(payload).hexdigest()
-        with _broken_at(what, self.rank, error):
+        with _broken_at(self, what, error):
             digests = self.all_gather_object((digest, describe_error(error)))
         raise_if_failed([d[1] for d in digests], what, cls)
         groups: dict[str, list[int]] = {}
         for r, (d, _) in enumerate(digests):
             groups.setdefault(d, []).append(r)
         out = []
-        with _broken_at(what, self.rank, None):
+        with _broken_at(self, what, None):
             for ranks in groups.values():
                 value = self.broadcast_object(obj if self.rank == ranks[0] else None, ranks[0])
                 out.append((ranks, value))
@@ -218,7 +311,7 @@ class Comm:
         store = default_store()
         if store is None:
             return None
-        keys = [f"dist_saver/alive/{tag}/{self.global_rank(r)}" for r in range(self.world_size)]
+        keys = [f"{self.key_prefix}/alive/{tag}/{r}" for r in range(self.world_size)]
         try:
             store.set(keys[self.rank], b"1")
             try:
@@ -238,7 +331,7 @@ class Comm:
         Raises: cls with `failures` and `stage` (= what) if any rank's error is not None;
         CollectiveError (stage = what) if the collective itself breaks.
         """
-        with _broken_at(what, self.rank, error):
+        with _broken_at(self, what, error):
             reports = self.all_gather_object((describe_error(error), share))
         raise_if_failed([r[0] for r in reports], what, cls)
         return [r[1] for r in reports] if gather else reports[0][1]
@@ -301,27 +394,31 @@ class Step:
 
 
 @contextlib.contextmanager
-def _broken_at(what: str, rank: int, error: BaseException | None):
-    """A collective that breaks during a step: its CollectiveError says which step (stage), and
-    keeps this rank's own error of that step (its failures), which would otherwise be lost."""
+def _broken_at(comm: Comm, what: str, error: BaseException | None):
+    """A collective that breaks during a step: its CollectiveError says which step (stage) and
+    keeps this rank's own error of that step (its failures), which would otherwise be lost; if
+    some ranks never entered the call, it names them instead."""
     try:
         yield
     except CollectiveError as e:
+        absent = comm.never_entered()
+        if absent and comm.rank not in absent:
+            raise _never_came(comm.rank, comm.world_size, absent, comm.timeout or 0, comm.op) from e
         e.stage = e.stage or what
         if error is not None:
-            e.failures.setdefault(rank, describe_error(error))
+            e.failures.setdefault(comm.rank, describe_error(error))
         raise
 
 
 @contextlib.contextmanager
 def _peer_failures(rank: int):
-    """A collective that breaks (a peer died, or exceeded the timeout) becomes a SaveError."""
+    """A collective that breaks (a peer died, or exceeded the timeout) becomes a CollectiveError."""
     try:
         yield
     except (RuntimeError, dist.DistError) as e:
         raise CollectiveError(
             f"rank {rank}: a collective failed, so another rank died or stopped responding "
-            f"(or the save's timeout passed): {str(e).splitlines()[0][:300]}"
+            f"(or the timeout passed): {str(e).splitlines()[0][:300]}"
         ) from e
 
 

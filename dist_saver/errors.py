@@ -45,12 +45,14 @@ class SaveError(DistSaverError):
     """
 
 
-class CollectiveError(SaveError):
-    """A collective of the save broke: another rank died, hung past the timeout, or never joined.
+class CollectiveError(DistSaverError):
+    """A collective of a save or load broke: another rank died, hung past the timeout, or never
+    called dist_save / dist_load.
 
-    Raised on the ranks that saw it (the others may be dead); a SaveError, so existing handlers
-    still catch it. `stage` names the step whose collective broke; `failures` holds this rank's own
-    error if it had one, or the ranks that never joined the save.
+    Raised on the ranks that saw it (the others may be dead), at 1 rank as at N; not a SaveError
+    or CheckpointError, since nothing is known to be wrong with the checkpoint or the tensors.
+    `stage` names the step whose collective broke; `failures` holds this rank's own error if it
+    had one, or the ranks that never joined.
     """
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from . import format as fmt
-from .errors import SaveError
+from .errors import CollectiveError
 from .layout import Box, Tiling, is_nonempty
 from .format import nbytes
 from .plan import Plan, Segment
@@ -226,12 +226,12 @@ class Exchanger:
 def run_rounds(rounds: Iterable[int], step: Callable[[int, bool], None]) -> None:
     """step(k, ok) for every round k, even after an error on this rank (the others wait for its
     part of each round's collective; ok turns False after the first error); raises that error at
-    the end, or at once if a collective fails (SaveError: the group is broken, nobody is waiting)."""
+    the end, or at once if a collective fails (CollectiveError: the group is broken, nobody is waiting)."""
     error = None
     for k in rounds:
         try:
             step(k, error is None)
-        except SaveError:
+        except CollectiveError:
             raise
         except Exception as e:
             error = error or e

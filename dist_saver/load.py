@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 
 from . import format as fmt
-from .comm import Comm, describe_error, raise_if_failed
+from .comm import Comm, describe_error, own_group, raise_if_failed
 from .errors import CheckpointError, DistSaverWarning
 from .layout import Layout, is_nonempty, layout_of, rank_boxes
 from .format import nbytes
@@ -118,6 +118,7 @@ def dist_load(
     progress: bool | None = None,
     optimizer=None,
     restore_rng: bool | None = None,
+    timeout: float = 600.0,
 ) -> LoadResult:
     """Fill the model's (or state dict's) tensors in place from the checkpoint at path.
 
@@ -166,7 +167,7 @@ def dist_load(
     """
     t0 = time.perf_counter()
     path = os.fspath(path)
-    comm = Comm(process_group)
+    comm = Comm(own_group(process_group, timeout, "dist_load"), timeout=timeout, op="dist_load")
     result = LoadResult(path)
     error = None
     bar = Progress("load", comm, f"loading {os.path.basename(path)}", progress)

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from . import format as fmt
-from .comm import Comm, describe_error, save_group
+from .comm import Comm, describe_error, own_group
 from .errors import CollectiveError, DistSaverWarning, SaveError
 from .commit import Target, WrittenFile, check_written, write_index, written_files
 from .hf import extra_files
@@ -168,7 +168,7 @@ def dist_save(
     wait_for_pending_save()
     t0 = time.perf_counter()
     path = os.fspath(path)
-    comm = Comm(save_group(process_group, timeout), timeout=timeout)
+    comm = Comm(own_group(process_group, timeout, "dist_save"), timeout=timeout, op="dist_save")
 
     # 1. Describe the local tensors and share the descriptions.
     with comm.step("describing what to save (state dict, config, tokenizer)", result="distinct") as described:

@@ -54,3 +54,36 @@ def default_store():
         return dist.distributed_c10d._get_default_store()
     except Exception:  # no default group, or the private API is gone: callers do without
         return None
+
+
+def new_gloo_group(ranks: Sequence[int], name: str, timeout_s: float, store):
+    """A gloo process group of these global ranks whose keys in `store` (the default group's,
+    default_store()) all live under `name` (torch.distributed.distributed_c10d.
+    _new_process_group_helper, then the global -> group rank map that torch's own
+    _new_group_with_tag records, _world.pg_group_ranks).
+
+    dist.new_group names a group after its ranks and the number of groups made so far, which
+    repeat from one torchrun attempt to the next, while torchrun's store outlives the attempt:
+    the new group would read the dead peers' addresses. The name given here is unique to the
+    attempt. Called by the group's members only (no NCCL split of the default group)."""
+    import datetime
+
+    from torch.distributed import distributed_c10d as c10d
+
+    ranks = list(ranks)
+    pg, _ = c10d._new_process_group_helper(
+        len(ranks), ranks.index(dist.get_rank()), ranks, "gloo", store, name,
+        timeout=datetime.timedelta(seconds=timeout_s), group_desc="dist_saver")
+    c10d._world.pg_group_ranks[pg] = {g: i for i, g in enumerate(ranks)}
+    return pg
+
+
+def collective_device(group):
+    """The device torch's object collectives use on `group` (cuda for an NCCL group, cpu for gloo)
+    (torch.distributed.distributed_c10d._get_object_coll_device); the current CUDA device for cuda."""
+    import torch
+
+    kind = dist.distributed_c10d._get_object_coll_device(group)
+    if kind == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(kind)

@@ -2,7 +2,7 @@
 
 import torch
 
-from dist_saver import SaveError, dist_save, load_state_dict
+from dist_saver import DistSaverError, dist_save, load_state_dict
 from dist_saver.async_save import AsyncSave
 
 from .dist_utils import run_ranks
@@ -53,7 +53,7 @@ def _async_error(rank, world, path):
         sd["step"] = 7
     try:  # errors found while planning raise at once; later ones from wait()
         dist_save(sd, path, async_save=True).wait(timeout=60)
-    except SaveError as e:
+    except DistSaverError as e:
         return str(e)
 
 

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from dist_saver import SaveError, dist_save, load_state_dict, verify
+from dist_saver import DistSaverError, SaveError, dist_save, load_state_dict, verify
 from dist_saver import format as fmt
 from dist_saver.cli import main as cli
 from dist_saver.commit import Target
@@ -104,7 +104,7 @@ def _dies_around_the_publish(rank, world, path, when):
     t0 = time.monotonic()
     try:
         result = dist_save(new_state(), path, overwrite=True, timeout=30)
-    except SaveError as e:
+    except DistSaverError as e:
         return "raised", type(e).__name__, str(e), e.stage, time.monotonic() - t0
     return "returned", result.warning, result.total_bytes, time.monotonic() - t0
 

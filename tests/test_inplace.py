@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_saver import CheckpointError, SaveError, dist_load, dist_save, load_state_dict, verify
+from dist_saver import CheckpointError, DistSaverError, SaveError, dist_load, dist_save, load_state_dict, verify
 from dist_saver import format as fmt
 from dist_saver.commit import check_written
 from dist_saver.layout import is_dtensor
@@ -239,7 +239,7 @@ def _failing_pack(rank, world, path):
     t0 = time.monotonic()
     try:
         dist_save(model, path, timeout=60)
-    except SaveError as e:
+    except DistSaverError as e:
         return str(e), time.monotonic() - t0
     return None, time.monotonic() - t0
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from dist_saver import CheckpointError, SaveError, dist_load, dist_save, load_state_dict, verify
+from dist_saver import CheckpointError, DistSaverError, SaveError, dist_load, dist_save, load_state_dict, verify
 from dist_saver import format as fmt
 from dist_saver.commit import Target
 
@@ -97,7 +97,7 @@ def _failing_rank(rank, world, path, how):
     t0 = time.monotonic()
     try:
         dist_save(new_state(), path, overwrite=True, timeout=30)
-    except SaveError as e:
+    except DistSaverError as e:
         return str(e), time.monotonic() - t0
     return None, time.monotonic() - t0
 

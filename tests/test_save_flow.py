@@ -3,7 +3,7 @@ failure says as data which ranks failed and at which step (failures, stage)."""
 
 import pytest
 
-from dist_saver import SaveError, dist_save, load_state_dict
+from dist_saver import DistSaverError, SaveError, dist_save, load_state_dict
 from dist_saver.comm import Comm
 
 from .dist_utils import run_ranks
@@ -19,7 +19,7 @@ def _failures_by_stage(rank, world, root):
         sd["step"] = 7  # not a tensor: rank 1 fails while describing
     try:
         dist_save(sd, f"{root}/describe")
-    except SaveError as e:
+    except DistSaverError as e:
         out["describe"] = type(e).__name__, dict(e.failures), e.stage, str(e)
 
     def broken_write(*args, **kwargs):  # every rank fails, each with its own message
@@ -28,7 +28,7 @@ def _failures_by_stage(rank, world, root):
     save_mod.write_share = broken_write
     try:
         dist_save(new_state(), f"{root}/write")
-    except SaveError as e:
+    except DistSaverError as e:
         out["write"] = type(e).__name__, dict(e.failures), e.stage, str(e)
     return out
 
@@ -56,7 +56,7 @@ def _async_save_short_of_memory(rank, world, path):
         memory.available_bytes = lambda: 1000  # as if the host were nearly full
     try:
         dist_save(new_state(), path, async_save=True).wait(timeout=60)
-    except SaveError as e:
+    except DistSaverError as e:
         refused = type(e).__name__, dict(e.failures), e.stage, str(e), len(snapshot._cache)
     else:
         return "saved"

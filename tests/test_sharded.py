@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_saver import SaveError, dist_load, dist_save, load_state_dict
+from dist_saver import DistSaverError, dist_load, dist_save, load_state_dict
 from dist_saver.layout import is_dtensor
 from dist_saver.format import nbytes
 from dist_saver.memory import PeakRSS
@@ -196,7 +196,7 @@ def _partial(rank, world, path):
     sd = {"ok": torch.ones(3), "grad_sum": DTensor.from_local(torch.ones(4), mesh, [Partial()])}
     try:
         dist_save(sd, path)
-    except SaveError as e:
+    except DistSaverError as e:
         return str(e)
 
 

@@ -19,6 +19,8 @@ STRIDED = "torch.distributed.tensor.placement_types._StridedShard"
 LOCAL = "torch.distributed.tensor._utils._compute_local_shape_and_global_offset"
 BOX = "torch.distributed.tensor._utils.compute_local_shape_and_global_offset"
 STORE = "torch.distributed.distributed_c10d._get_default_store"
+GROUP = "torch.distributed.distributed_c10d._new_process_group_helper (+ _world.pg_group_ranks)"
+DEVICE = "torch.distributed.distributed_c10d._get_object_coll_device"
 
 
 def test_strided_shard_type():
@@ -71,17 +73,26 @@ def _in_group(rank, world):
 
     t = distribute_tensor(torch.arange(15.0).reshape(5, 3), init_device_mesh("cpu", (world,)), [Shard(0)])
     store = torch_compat.default_store()
+    # a gloo group whose store keys live under a name of ours: a registered group collectives accept
+    group = torch_compat.new_gloo_group([0, 1], "dist_saver/test/group", 10.0, store)
+    value = torch.tensor([rank + 1.0])
+    dist.all_reduce(value, group=group)
+    made = (dist.get_process_group_ranks(group), dist.get_rank(group), group.group_name, value.item(),
+            str(torch_compat.collective_device(group)), str(torch_compat.collective_device(None)))
     shared = None
     if isinstance(store, dist.Store):  # the same store on every rank: one rank's key is seen by the other
         store.set(f"torch_compat/{rank}", str(rank))
         store.wait([f"torch_compat/{1 - rank}"])
         shared = store.get(f"torch_compat/{1 - rank}").decode()
-    return torch_compat.local_box(t), type(store).__name__, shared
+    return torch_compat.local_box(t), type(store).__name__, shared, made
 
 
-def test_local_box_and_default_store_in_a_process_group():
+def test_local_box_default_store_and_groups_in_a_process_group():
     outs = run_ranks(_in_group, 2)
+    for rank, out in enumerate(outs):
+        assert out[3] == ([0, 1], rank, "dist_saver/test/group", 3.0, "cpu", "cpu"), \
+            f"{GROUP} / {DEVICE} changed: group ranks, rank, name, all_reduce, devices {out[3]}"
     boxes = [o[0] for o in outs]
     assert boxes == [((0, 0), (3, 3)), ((3, 0), (2, 3))], f"{BOX} gave the boxes {boxes} for 5 rows over 2 ranks"
-    for rank, (_, kind, shared) in enumerate(outs):
+    for rank, (_, kind, shared, _) in enumerate(outs):
         assert shared == str(1 - rank), f"{STORE} gave a {kind}, not the process group's shared store"
