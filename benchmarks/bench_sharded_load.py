@@ -7,7 +7,8 @@ The model is built in --layout (N processes share one GPU over gloo with --devic
 otherwise), saved once with dist_save (our universal Hugging Face layout) and once with dcp.save (DCP's
 own checkpoint of that same layout), then loaded back, rows interleaved round by round, best of
 --repeat, slowest rank's time:
-  dist_load: our checkpoint into the sharded model
+  dist_load: our checkpoint into the sharded model, checking every recorded checksum of what it
+    reads as it reads it (the default); and with verify=False (the checks' cost, same run)
   DCP, its own checkpoint: dcp.load(FileSystemReader) of the same layout (DCP's best case)
   DCP HF reader, our checkpoint: dcp.load(HuggingFaceStorageReader) of our files
 Before each row the targets are zeroed and checked afterwards, and the page cache is emptied: as
@@ -94,6 +95,7 @@ def main() -> None:
 
     rows = {
         "dist_load (our checkpoint)": lambda: dist_load(model, ours),
+        "dist_load, verify=False": lambda: dist_load(model, ours, verify=False),
         f"DCP, its own {args.layout} checkpoint": lambda: dcp.load(model.state_dict(),
                                                                     storage_reader=dcp.FileSystemReader(theirs)),
         "DCP HF reader, our checkpoint": lambda: dcp.load(hf_targets(), storage_reader=HuggingFaceStorageReader(ours)),
@@ -139,6 +141,9 @@ def main() -> None:
             ratio = f"{base['seconds'] / r['seconds']:.2f}" if base else "-"
             print(f"{name:<36} {r['seconds']:>7.2f} {need / r['seconds'] / 1e9:>6.2f} {ratio:>9} "
                   f"{sum(r['read_bytes']) / 1e9:>11.2f} / {need / 1e9:.2f} GB")
+        checked, unchecked = best["dist_load (our checkpoint)"], best["dist_load, verify=False"]
+        print(f"checksums checked while reading: {checked['seconds'] / unchecked['seconds'] - 1:+.1%} time, "
+              f"{sum(checked['read_bytes']) / max(1, sum(unchecked['read_bytes'])) - 1:+.1%} bytes from storage")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"bench": "sharded_load", "layout": args.layout, "world": world,

@@ -4,6 +4,7 @@ layout, and load them back per rank."""
 from .convert import convert_dcp, convert_legacy, reshard
 from .errors import CheckpointError, CollectiveError, DistSaverError, DistSaverWarning, PlanError, SaveError
 from .load import LoadResult, dist_load, load_state_dict
+from .manager import CheckpointManager
 from .hub import push_to_hub
 from .save import SaveResult, dist_save
 from .verify import verify
@@ -17,6 +18,7 @@ __all__ = [
     "reshard",
     "convert_legacy",
     "push_to_hub",
+    "CheckpointManager",
     "SaveResult",
     "LoadResult",
     "DistSaverError",

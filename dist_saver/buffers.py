@@ -152,11 +152,3 @@ def shared_pool(count: int, nbytes: int, pinned: bool) -> BufferPool:
         if key not in _pools:
             _pools[key] = BufferPool(count, nbytes, pinned)
         return _pools[key]
-
-
-def release_buffers() -> None:
-    """Drop the cached pools and this thread's load buffers (their memory returns once nothing
-    else holds it)."""
-    with _pools_lock:
-        _pools.clear()
-    _local.__dict__.clear()

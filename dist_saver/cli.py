@@ -24,7 +24,7 @@ from collections import Counter
 from . import __version__
 from . import format as fmt
 from .errors import CheckpointError
-from .reader import open_weights
+from .index import CheckpointIndex, open_weights, read_index, read_optimizer_index
 from .verify import verify
 
 OK, DAMAGED, USAGE = 0, 1, 2
@@ -50,7 +50,7 @@ def human_size(n: int) -> str:
     raise AssertionError  # unreachable
 
 
-def locate(path: str, command: str) -> fmt.CheckpointIndex:
+def locate(path: str, command: str) -> CheckpointIndex:
     """The checkpoint at path, or UsageError: nothing there, one file of a checkpoint (the
     directory is needed), or no index or weights file we can read (refused or unparsable)."""
     if not os.path.exists(path):
@@ -63,7 +63,7 @@ def locate(path: str, command: str) -> fmt.CheckpointIndex:
             raise UsageError(f"{path} is one file of {where}; give the checkpoint directory: "
                              f"dist-saver {command} {directory if owner is not None else 'DIR'}")
     try:
-        return fmt.read_index(path)
+        return read_index(path)
     except CheckpointError as e:  # e.g. no index, an unparsable one, a pickle that runs code
         raise UsageError(f"not a checkpoint: {e}") from None
 
@@ -101,7 +101,7 @@ def inspect_checkpoint(path: str) -> dict:
         "aliases": index.aliases,
         "files": files,
     }
-    optimizer = fmt.read_optimizer_index(index.directory)
+    optimizer = read_optimizer_index(index.directory)
     if optimizer is not None:
         opt_files = _file_entries(optimizer)
         groups = ((optimizer.ours or {}).get("optimizer") or {}).get("param_groups") or []
@@ -121,7 +121,7 @@ def inspect_checkpoint(path: str) -> dict:
     return info
 
 
-def _file_entries(index: fmt.CheckpointIndex) -> list[dict]:
+def _file_entries(index: CheckpointIndex) -> list[dict]:
     recorded = (index.ours or {}).get("files") or {}
     files = []
     for name in sorted(set(index.weight_map.values())):

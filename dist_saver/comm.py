@@ -19,9 +19,12 @@ Without an initialised process group everything works as a group of one.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
+import gc
 import hashlib
+import logging
 import os
 import pickle
 import traceback
@@ -35,6 +38,8 @@ from .errors import CollectiveError, DistSaverError, SaveError
 from .torch_compat import collective_device, default_store, new_gloo_group
 
 
+log = logging.getLogger("dist_saver")
+
 # The user's group -> {timeout: our gloo group}. Keyed by the group object itself (weakly), not by
 # "world": after destroy_process_group() and a new init_process_group() the world is a new object,
 # and the groups made for the old one are unregistered (using them raises "Group ... is not
@@ -42,8 +47,38 @@ from .torch_compat import collective_device, default_store, new_gloo_group
 _groups: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # The user's group -> the attempt's scope (see attempt_scope), agreed once per group object.
 _scopes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Groups made so far, by a digest of their ranks (for unique names).
+_made: dict[str, int] = {}
 # Our group -> {op: the calls of it so far} (see Comm.never_entered).
 _entries: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _release_at_exit() -> None:
+    """At interpreter exit (atexit runs before finalization begins): finish a pending async save,
+    then destroy the gloo groups own_group made, so their worker threads are joined while they can
+    still take the GIL.
+
+    Left alive (an FSDP2 model keeps the world's group object, our cache's key, alive past the
+    caller's destroy_process_group), a gloo worker that drops a finished collective's work (whose
+    tensors need the GIL) after finalization began is ended by pthread_exit in the middle of a C++
+    destructor: std::terminate, "terminate called without an active exception", SIGABRT at exit
+    (the demo's crash, about one run in ten; backtrace: ~AsyncAllgatherWork in
+    ProcessGroupGloo::runLoop -> take_gil -> pthread_exit)."""
+    from .async_save import wait_for_pending_save
+
+    wait_for_pending_save()  # its thread is a daemon: exit would kill it mid-write
+    groups = [g for made in list(_groups.values()) for g in made.values()]
+    _groups.clear()
+    _entries.clear()
+    for group in groups:
+        if is_registered(group):  # the caller never destroyed the world: torch holds ours too
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group(group)
+    del groups
+    gc.collect()  # our objects in reference cycles (an exchange's rounds) may hold the last references
+
+
+atexit.register(_release_at_exit)
 
 
 def is_registered(group) -> bool:
@@ -89,7 +124,10 @@ def own_group(process_group=None, timeout: float = 600.0, op: str = "dist_save")
         raise ValueError("this rank is not a member of the given process_group")
     scope = attempt_scope(base, ranks, timeout, op)
     digest = hashlib.sha1(",".join(map(str, ranks)).encode()).hexdigest()[:12]
-    name = f"dist_saver/{scope}/{digest}/{len(made)}/{float(timeout):g}"
+    # Groups of the same ranks (several subgroups of them, or timeouts) are made in the same order
+    # on every member: the count tells them apart.
+    _made[digest] = _made.get(digest, 0) + 1
+    name = f"dist_saver/{scope}/{digest}/{_made[digest]}"
     _check_in(name, ranks, timeout, op)
     try:
         group = new_gloo_group(ranks, name, timeout, default_store())
@@ -123,6 +161,11 @@ def attempt_scope(base, ranks: Sequence[int], timeout: float, op: str = "dist_sa
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or len(ranks) < 2:
         scope = "0"
     else:
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and dist.get_rank() == ranks[0]:
+            log.warning("this torchrun attempt shares the store of the attempts before it: dist_saver's own keys "
+                        "and groups are the attempt's, but torch's own init_process_group can read a dead "
+                        "attempt's addresses and fail or hang (PyTorch issue 135712); run torchrun with "
+                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
         nonce = torch.frombuffer(bytearray(os.urandom(16)), dtype=torch.uint8)
         try:
             nonce = nonce.to(collective_device(base))

@@ -13,6 +13,7 @@ from typing import Sequence
 
 from . import format as fmt
 from .errors import SaveError
+from .index import looks_like_our_checkpoint
 from .plan import Plan
 from .writer import WrittenRange
 
@@ -80,13 +81,15 @@ def written_files(plan: Plan, written: Sequence[WrittenRange]) -> list[WrittenFi
                         sorted(by_file.get(f.name, []), key=lambda w: w.begin)) for f in plan.files]
 
 
-def write_index(directory: str, plan: Plan, files: Sequence[WrittenFile], extra_files: Sequence[str] = (),
-                name: str = fmt.INDEX_NAME, metadata: dict | None = None) -> str:
+def write_index(directory: str, plan: Plan, files: Sequence[WrittenFile], checkpoint_id: str,
+                extra_files: Sequence[str] = (), name: str = fmt.INDEX_NAME, metadata: dict | None = None) -> str:
     """Write one of our indexes (atomically) from what the ranks report they wrote: by default
     model.safetensors.index.json of the plan's files (optimizer.safetensors.index.json for a
     training checkpoint's optimizer files, with its param_groups in metadata).
 
     Each file lists its ranges as [offset, length, rank, checksum] (checksum "" when disabled).
+    checkpoint_id: the save's, which every shard file's header carries too (FilePlan.header_for);
+    recorded with the version written (fmt.WRITTEN_VERSION).
     extra_files: the names saved beside the weights (config, tokenizer, the training state),
     recorded so that a later save with overwrite=True knows the directory holds nothing but ours.
     """
@@ -94,7 +97,8 @@ def write_index(directory: str, plan: Plan, files: Sequence[WrittenFile], extra_
     entries = {f.name: {"rank": f.rank, "size": f.size,
                         "ranges": [[r.begin, r.end - r.begin, r.rank, r.checksum] for r in f.ranges]}
                for f in sorted(files, key=lambda f: f.name) if f.name in names}
-    extra = {"world_size": plan.world_size, "files": entries, "aliases": dict(sorted(plan.aliases.items())),
+    extra = {"version": fmt.WRITTEN_VERSION, fmt.CHECKPOINT_ID_KEY: checkpoint_id,
+             "world_size": plan.world_size, "files": entries, "aliases": dict(sorted(plan.aliases.items())),
              "extra_files": sorted(extra_files), **(metadata or {})}
     doc = fmt.index_document(plan.weight_map(), plan.total_size, extra)
     path = os.path.join(directory, name)
@@ -150,7 +154,7 @@ class Target:
         entries = os.listdir(self.path)
         if not entries:
             return
-        if not fmt.looks_like_our_checkpoint(self.path):
+        if not looks_like_our_checkpoint(self.path):
             foreign = [e for e in sorted(entries) if not fmt.is_shard_file_name(e)][:5]
             raise SaveError(
                 f"{self.path} is not empty and was not written by dist_saver (found e.g. {foreign}); "

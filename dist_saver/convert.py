@@ -15,10 +15,10 @@ from typing import Callable
 import torch
 
 from . import format as fmt
-from .comm import Comm
+from .comm import Comm, own_group
 from .plan import TensorInfo, make_plan
 from .errors import CheckpointError
-from .reader import open_weights
+from .index import open_weights, read_index
 from .save import dist_save
 
 log = logging.getLogger("dist_saver")
@@ -78,9 +78,10 @@ def convert_dcp(src: str | os.PathLike, dst: str | os.PathLike, *, process_group
 
     def load(names):
         mine = {n: torch.empty(by_name[n].shape, dtype=fmt.torch_dtype(by_name[n].dtype)) for n in names}
-        # collective: every rank calls it, each for its own tensors; DCP reads only their pieces
-        dcp.load(mine, storage_reader=dcp.FileSystemReader(src), process_group=process_group,
-                 no_dist=not comm.active)
+        # collective: every rank calls it, each for its own tensors; DCP reads only their pieces.
+        # Its collectives carry host objects: on our gloo group, whatever the caller's group is.
+        group = own_group(process_group, float(save_kwargs.get("timeout", 600.0)), "convert_dcp")
+        dcp.load(mine, storage_reader=dcp.FileSystemReader(src), process_group=group, no_dist=not comm.active)
         return mine
 
     return _rewrite(tensors, load, dst, process_group, save_kwargs)
@@ -110,7 +111,7 @@ def reshard(src: str | os.PathLike, dst: str | os.PathLike, *, process_group=Non
     from .load import load_state_dict
 
     src, dst = os.fspath(src), os.fspath(dst)
-    index = fmt.read_index(src)
+    index = read_index(src)
     aliases = dict(index.aliases)
     tensors: list[tuple[str, int, TensorInfo]] = []
     for file in sorted(set(index.weight_map.values())):
@@ -147,7 +148,7 @@ def convert_legacy(src: str | os.PathLike, dst: str | os.PathLike, *, process_gr
             readable legacy checkpoint (a file holding more than tensors is refused unread).
         SaveError, ValueError: as dist_save (dst not replaceable, a bad size, a rank failed...).
     """
-    index = fmt.read_index(os.fspath(src))
+    index = read_index(os.fspath(src))
     if not all(fmt.is_legacy_file(f) for f in index.weight_map.values()):
         raise CheckpointError(f"{index.directory}: already a safetensors checkpoint; use reshard to rewrite it")
     return reshard(src, dst, process_group=process_group, **save_kwargs)

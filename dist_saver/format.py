@@ -1,8 +1,9 @@
-"""The on-disk format: safetensors headers, file names, the index, size strings.
+"""The on-disk format: safetensors headers, file names, the index's content, size strings.
 
 Every file name the package writes, looks for or matches is built here (the shards, the indexes,
 the upload's patterns, a save's hidden sibling directories and lock), and nothing else in the
-package encodes or decodes safetensors headers.
+package encodes or decodes safetensors headers or index documents. Finding a checkpoint's files
+and opening them is index.py's (above the readers); nothing here opens a weights file.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 import re
 import reprlib
 import struct
-from dataclasses import dataclass
 from typing import Iterable, Mapping, NamedTuple
 
 import torch
@@ -37,9 +37,19 @@ LEGACY_SUFFIXES = (".bin", ".pt", ".pth")
 LEGACY_SHARD_PATTERN = "pytorch_model-*-of-*.bin"
 # Key under the index's "metadata" that marks a checkpoint as ours and carries our extras.
 META_KEY = "dist_saver"
-# The major format version: readers refuse a newer major; "1.x" (a string) would be a compatible
+# The major format version: readers refuse a newer major; "1.x" (a string) is a compatible
 # addition that this reader may load.
 FORMAT_VERSION = 1
+# What writers record: 1.1 adds block checksums (checksum.py) and the shard files' marker below.
+WRITTEN_VERSION = "1.1"
+# Every shard file of ours carries in its header's __metadata__ (which plain safetensors readers
+# ignore) the format version and the checkpoint's id, which the index records too (CHECKPOINT_ID_KEY
+# in our metadata block): a shard of ours under an index that lost our block, or that belongs to
+# another save, is refused as damaged instead of being read as a foreign checkpoint.
+SHARD_VERSION_KEY = "dist_saver"
+SHARD_CHECKPOINT_KEY = "dist_saver_checkpoint"
+CHECKPOINT_ID_KEY = "checkpoint"
+CHECKPOINT_ID_CHARS = 32  # uuid4().hex: every header's length is known before the id is
 # Key in our metadata block: sha256 of the index's own content (see index_digest).
 DIGEST_KEY = "index_digest"
 
@@ -129,6 +139,43 @@ def previous_dir_name(name: str) -> str:
 def lock_file_name(name: str) -> str:
     """The sibling lock file held by a save (and an upload) of the directory."""
     return f".{name}.dist_saver.lock"
+
+
+def deleting_dir_name(name: str) -> str:
+    """The sibling a checkpoint is renamed to before it is deleted (rotation): a crash in the
+    middle of the deletion leaves a hidden directory, never a half-deleted checkpoint."""
+    return f".{name}.dist_saver-deleting"
+
+
+_SIBLING_RE = re.compile(r"^\.(.+)\.dist_saver(-staging|-previous|-deleting|\.lock)$")
+
+
+def sibling_of(name: str) -> tuple[str, str] | None:
+    """(the checkpoint directory's name, "staging" | "previous" | "deleting" | "lock") of one of our
+    hidden siblings, or None."""
+    m = _SIBLING_RE.match(name)
+    return (m.group(1), m.group(2).lstrip("-.")) if m else None
+
+
+# CheckpointManager's directories, as Hugging Face's Trainer names them (its get_last_checkpoint
+# finds the newest): root/checkpoint-<step>.
+_STEP_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+def step_of(name: str) -> int | None:
+    """The step of a checkpoint-<step> directory name, or None for any other name."""
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def damaged_dir_name(name: str, n: int = 0) -> str:
+    """Where CheckpointManager moves a damaged checkpoint-<step> it would save over (kept, not
+    deleted; a name no reader takes for a checkpoint)."""
+    return f"{name}.damaged" + (f"-{n}" if n else "")
 
 
 def nbytes(shape: Iterable[int], dtype: torch.dtype | str | int) -> int:
@@ -273,65 +320,36 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-@dataclass(frozen=True)
-class CheckpointIndex:
-    """Where each stored tensor lives, read from an index or a single model.safetensors."""
-
-    directory: str
-    weight_map: dict[str, str]  # stored name -> file name (relative)
-    aliases: dict[str, str]  # alias name -> stored name
-    ours: dict | None  # our metadata block, or None for checkpoints from other tools
-
-
-def read_index(path: str) -> CheckpointIndex:
-    """Locate the tensors of a checkpoint directory or single weights file.
-
-    Looks for, in this order (as transformers does): model.safetensors.index.json,
-    model.safetensors, pytorch_model.bin.index.json, pytorch_model.bin.
-    """
-    if os.path.isfile(path) and is_weights_file(path):
-        return _single(os.path.dirname(path) or ".", os.path.basename(path))
-    for name in (INDEX_NAME, SINGLE_NAME, LEGACY_INDEX_NAME, LEGACY_SINGLE_NAME):
-        if os.path.isfile(os.path.join(path, name)):
-            safe_member(path, name)  # an index that is a link out of the directory, as a shard: refused
-            return _indexed(path, name) if name.endswith(".json") else _single(path, name)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    raise CheckpointError(f"{path}: no {INDEX_NAME}, {SINGLE_NAME}, {LEGACY_INDEX_NAME} or "
-                          f"{LEGACY_SINGLE_NAME}: not a complete checkpoint")
-
-
-def _indexed(directory: str, name: str) -> CheckpointIndex:
-    index_path = os.path.join(directory, name)
-    with open(index_path, "rb") as f:
-        doc = parse_json(index_path, f.read(), "the index")
+def parse_index_document(index_path: str, raw: bytes, ours_expected: bool) -> tuple[dict[str, str], dict | None]:
+    """(weight_map, our metadata block or None) of an index file's bytes, every field we read
+    checked: CheckpointError naming the file and field otherwise. File names are checked to be
+    plain names in the directory once per distinct file (safe_member), not once per tensor.
+    ours_expected: the index is one of our names (model/optimizer.safetensors.index.json), where
+    our block may ride; a legacy .bin index never carries it."""
+    doc = parse_json(index_path, raw, "the index")
     if not isinstance(doc, dict):
         raise CheckpointError(f"{index_path}: not a valid index: {_kind(doc)}, not a JSON object")
     weight_map = doc.get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index_path}: not a valid index: field weight_map is {_kind(weight_map)}, "
                               "not an object")
+    files = set()
     for tensor, file in weight_map.items():
-        if not isinstance(file, str):
+        if file.__class__ is not str:
             raise CheckpointError(f"{index_path}: field weight_map[{tensor!r}] is {_kind(file)}, not a file name")
+        files.add(file)
+    directory = os.path.dirname(index_path) or "."
+    for file in files:
         safe_member(directory, file)
     ours = None
-    if name in (INDEX_NAME, OPTIM_INDEX_NAME):  # our block rides in our safetensors indexes only
+    if ours_expected:
         metadata = doc.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise CheckpointError(f"{index_path}: field metadata is {_kind(metadata)}, not an object")
         ours = (metadata or {}).get(META_KEY)
         if ours is not None:
             _check_ours(index_path, ours, weight_map)
-    return CheckpointIndex(directory, weight_map, dict((ours or {}).get("aliases", {})), ours)
-
-
-def read_optimizer_index(directory: str) -> CheckpointIndex | None:
-    """The optimizer part of a training checkpoint (optimizer.safetensors.index.json), or None."""
-    if not os.path.isfile(os.path.join(directory, OPTIM_INDEX_NAME)):
-        return None
-    safe_member(directory, OPTIM_INDEX_NAME)
-    return _indexed(directory, OPTIM_INDEX_NAME)
+    return weight_map, ours
 
 
 def _kind(value) -> str:
@@ -396,6 +414,8 @@ def _check_ours(index_path: str, ours, weight_map: dict) -> None:
         _check_file_record(f"{where}.files[{file!r}]", entry)
     if not _is_int(ours.get("world_size", 1)):
         raise CheckpointError(f"{where}.world_size is {_kind(ours.get('world_size'))}, not an integer")
+    if not isinstance(ours.get(CHECKPOINT_ID_KEY, ""), str):
+        raise CheckpointError(f"{where}.{CHECKPOINT_ID_KEY} is {_kind(ours.get(CHECKPOINT_ID_KEY))}, not a string")
 
 
 def _check_file_record(where: str, entry) -> None:
@@ -415,14 +435,6 @@ def _check_file_record(where: str, entry) -> None:
     for i, r in enumerate(ranges):
         if not (isinstance(r, list) and len(r) == 4 and all(_is_int(x) for x in r[:3]) and isinstance(r[3], str)):
             raise CheckpointError(f"{where}.ranges[{i}] is {_kind(r)}, not [offset, length, rank, checksum]")
-
-
-def _single(directory: str, name: str) -> CheckpointIndex:
-    from .reader import open_weights  # the file itself lists its tensors
-
-    with open_weights(os.path.join(directory, name)) as f:
-        names = f.names()
-    return CheckpointIndex(directory, {n: name for n in names}, {}, None)
 
 
 def is_legacy_file(name: str) -> bool:
@@ -476,43 +488,3 @@ def write_extra_files(directory: str, files) -> None:
         write_durable(path, data)
     for sub in sorted(made, key=len, reverse=True):
         fsync_dir(sub)
-
-
-def looks_like_our_checkpoint(directory: str) -> bool:
-    """True if every entry is an index of ours, its temp files, a shard file name we write, or a
-    plain file (or a directory of them) that our index lists as saved beside the weights."""
-    ours = None
-    if os.path.isfile(os.path.join(directory, INDEX_NAME)):
-        try:
-            ours = read_index(directory).ours
-        except CheckpointError:
-            return False
-        if ours is None:
-            return False
-    listed = ours.get("extra_files", []) if isinstance(ours, dict) else []
-    if not isinstance(listed, list) or not all(is_plain_relpath(n) for n in listed):
-        return False  # damaged or hand-made: do not let it vouch for anything
-    listed = set(listed)
-    for name in os.listdir(directory):
-        full = os.path.join(directory, name)
-        if os.path.islink(full):
-            return False
-        if os.path.isfile(full) and (name == INDEX_NAME or name.startswith(INDEX_NAME + ".tmp")
-                                     or is_shard_file_name(name) or name in OWN_EXTRA_FILES or name in listed):
-            continue
-        if os.path.isdir(full) and _only_listed_files(directory, name, listed):
-            continue
-        return False
-    return True
-
-
-def _only_listed_files(directory: str, name: str, listed: set) -> bool:
-    found = False
-    for root, dirs, files in os.walk(os.path.join(directory, name)):
-        for entry in dirs + files:
-            full = os.path.join(root, entry)
-            rel = os.path.relpath(full, directory).replace(os.sep, "/")
-            if os.path.islink(full) or (entry in files and rel not in listed):
-                return False
-            found = found or entry in files
-    return found

@@ -10,7 +10,7 @@ import tempfile
 from . import format as fmt
 
 
-def model_files(model) -> dict[str, bytes]:
+def model_files(model, dtype=None) -> dict[str, bytes]:
     """{file name: content} of a transformers PreTrainedModel's config files, taken now.
 
     The config as save_pretrained writes it, not as built: `dtype` from the first floating-point
@@ -25,8 +25,9 @@ def model_files(model) -> dict[str, bytes]:
     if config is None or not hasattr(config, "to_json_string") or not hasattr(model, "state_dict"):
         return {}
     config = copy.deepcopy(config)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None) \
-        if callable(getattr(model, "parameters", None)) else None
+    if dtype is None:  # else the dtype the save casts to (dist_save(dtype=))
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None) \
+            if callable(getattr(model, "parameters", None)) else None
     if dtype is not None:  # transformers 5 (and 4.56+) writes "dtype"; older ones "torch_dtype"
         setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", str(dtype).split(".")[1])
     config.architectures = [type(model).__name__.removeprefix("FSDP")]
@@ -60,11 +61,11 @@ def saved_files(obj, role: str) -> dict[str, bytes]:
     return out
 
 
-def extra_files(model, tokenizer=None, processor=None) -> dict[str, bytes]:
+def extra_files(model, tokenizer=None, processor=None, dtype=None) -> dict[str, bytes]:
     """Everything rank 0 stages beside the weights: the model's config, then the tokenizer's and
     the processor's files (a processor's tokenizer_config.json, which names the processor class,
     wins over a tokenizer's own)."""
-    out = model_files(model)
+    out = model_files(model, dtype)
     for obj, role in ((tokenizer, "tokenizer"), (processor, "processor")):
         if obj is not None:
             out.update(saved_files(obj, role))

@@ -16,6 +16,7 @@ import threading
 
 from . import format as fmt
 from .errors import CheckpointError
+from .index import read_index, read_optimizer_index
 
 log = logging.getLogger("dist_saver")
 
@@ -29,9 +30,9 @@ def checkpoint_files(path: str, training: bool = False) -> list[str]:
     """The files of the complete checkpoint at path that an upload takes, sorted: a model repo's
     (weights, index, config, tokenizer...), and with training=True also a training checkpoint's
     optimizer files and train_state.json."""
-    index = fmt.read_index(path)
+    index = read_index(path)
     weights = set(index.weight_map.values())
-    optimizer = fmt.read_optimizer_index(index.directory)
+    optimizer = read_optimizer_index(index.directory)
     if training and optimizer is not None:
         weights |= set(optimizer.weight_map.values())
     for name in weights:

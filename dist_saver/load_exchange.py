@@ -4,25 +4,26 @@ A target box that is not one run of the file (rowwise TP Shard(1), 2-D) would ma
 whole rows: an N-way column split reads those tensors N times over. Instead the ranks that need a
 tensor split its row bands among themselves, each reads its rows once (one sequential read per
 chunk) and hands the others their column pieces, a bounded bucket per reader per round, one
-all_to_all per round: the save's exchange in reverse. Every rank derives the same schedule from the
-gathered descriptions (tensor, file, shape, dtype, layout), so no sizes travel.
+all_to_all per round: the save's exchange in reverse, with its types and round engine (exchange:
+a chunk's owner is its reader, a piece's peer the rank receiving it). Every rank derives the same
+schedule from the gathered descriptions (tensor, file, shape, dtype, layout), so no sizes travel.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, NamedTuple
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import torch
 
 from . import format as fmt
 from .buffers import scratch
-from .exchange import padded, padded_sizes, run_rounds
+from .exchange import DEFAULT_BUCKET_BYTES, Chunk, Piece, Rounds, Schedule, local_slice
 from .layout import Box, Layout, group_boxes, is_nonempty, merged
 from .format import nbytes
 
-DEFAULT_BUCKET_BYTES = 16 << 20
+__all__ = ["ColumnRead", "ColumnLoader", "make_schedule", "Chunk", "Piece", "Schedule", "DEFAULT_BUCKET_BYTES"]
 
 
 @dataclass(frozen=True)
@@ -36,29 +37,6 @@ class ColumnRead:
     layout: Layout  # the target's (each replica group may have its own)
 
 
-class Piece(NamedTuple):
-    dst: int  # group rank that needs it
-    offset: tuple[int, ...]  # in the global tensor
-    shape: tuple[int, ...]
-    nbytes: int
-
-
-class Chunk(NamedTuple):
-    key: tuple
-    reader: int
-    rows: tuple[int, int]
-    nbytes: int
-    pieces: tuple[Piece, ...]
-    round: int
-
-
-@dataclass
-class Schedule:
-    chunks: list[Chunk] = field(default_factory=list)
-    rounds: int = 0
-    boxes: dict = field(default_factory=dict)  # key -> group rank -> its box
-
-
 def make_schedule(reads: Mapping[tuple, tuple[ColumnRead, ...]], group_rank: Callable[[int], int],
                   bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Schedule:
     """Pure: who reads which rows of every column-split tensor, and the pieces each sends.
@@ -67,6 +45,7 @@ def make_schedule(reads: Mapping[tuple, tuple[ColumnRead, ...]], group_rank: Cal
     the boxes' row boundaries) is split into one sub-band per rank needing it, read by that rank
     (least loaded first); chunks of at most bucket_bytes per reader per round. A chunk carries one
     piece per rank needing its rows: an N-way column split makes N x N pieces per band.
+    sched.boxes: key -> group rank -> the box of the global tensor its target holds.
     """
     sched = Schedule()
     load: dict[int, int] = defaultdict(int)  # bytes each rank reads
@@ -122,83 +101,46 @@ class ColumnLoader:
     copies this rank's pieces into its targets."""
 
     def __init__(self, sched: Schedule, comm, targets: Mapping[tuple, torch.Tensor],
-                          open_tensor: Callable[[tuple], object], progress=None):
+                 open_tensor: Callable[[tuple], object], progress=None):
         """targets: key -> this rank's local tensor (its box of the global tensor);
         open_tensor(key) -> the open weights file holding it (ShardFile or LegacyFile)."""
         self.sched, self.comm, self.targets = sched, comm, targets
         self.open_tensor, self.progress = open_tensor, progress
         self.rank = comm.rank
         self.bytes_read = 0
-        self.mine = [[] for _ in range(sched.rounds)]  # chunks this rank reads, by round
-        self.recv = [[] for _ in range(sched.rounds)]  # (src, key, piece) this rank receives, by round
-        for c in sched.chunks:
-            if c.reader == self.rank:
-                self.mine[c.round].append(c)
-            for p in c.pieces:
-                if p.dst == self.rank and c.reader != self.rank:
-                    self.recv[c.round].append((c.reader, c.key, p))
-        for lst in self.recv:
-            lst.sort(key=lambda x: x[0])  # stable: the reader's order kept within a source
         cuda = any(t.device.type == "cuda" for t in targets.values())
         self.pin = cuda and torch.cuda.is_available()  # pinned staging: the host-to-device copies are DMA
+        # pieces go from the readers to the ranks needing them
+        self.engine = Rounds(sched, comm, False, self._read, self._unpack, self._buffer)
 
     def _buffer(self, name: str, n: int) -> torch.Tensor:
         return scratch(f"load_exchange.{name}", n, self.pin)  # reused across loads: fresh memory is slow
 
     def _into_target(self, key: tuple, piece: Piece, data: torch.Tensor) -> None:
         box = self.sched.boxes[key][self.rank]
-        index = tuple(slice(o - bo, o - bo + s) for o, bo, s in zip(piece.offset, box[0], piece.shape))
-        self.targets[key][index].copy_(data)  # blocking: the buffer is free to reuse once it returns
+        dst = local_slice(self.targets[key], box, piece.offset, piece.shape)
+        dst.copy_(data)  # blocking: the buffer is free to reuse once it returns
         if self.progress is not None:
             self.progress.add(piece.nbytes)
 
     def run(self) -> None:
         """Every round, even after an error here (the others wait for this rank's part); raises
         the first error at the end, or at once if a collective fails."""
-        run_rounds(range(self.sched.rounds), self._round)
+        self.engine.run()
 
-    def _round(self, k: int, work: bool) -> None:
-        world = self.comm.world_size
-        send_sizes = padded_sizes(world, ((p.dst, p.nbytes) for c in self.mine[k] for p in c.pieces
-                                          if p.dst != self.rank))
-        recv_sizes = padded_sizes(world, ((src, p.nbytes) for src, _, p in self.recv[k]))
-        send = self._buffer("send", sum(send_sizes))
-        error = None
-        if work:
-            try:
-                self._read_and_pack(k, send, send_sizes)
-            except Exception as e:
-                error = e
-        recv = self._buffer("recv", sum(recv_sizes))
-        self.comm.all_to_all_bytes(send, send_sizes, recv, recv_sizes)
-        if error is not None:
-            raise error
-        if not work:
-            return
-        pos = 0
-        for _, key, p in self.recv[k]:
-            dtype = self.targets[key].dtype
-            self._into_target(key, p, recv[pos : pos + p.nbytes].view(dtype).view(p.shape))
-            pos += padded(p.nbytes)
+    def _read(self, c: Chunk) -> tuple[torch.Tensor, Box]:
+        """Reads the chunk's rows (whole rows: one read), delivers this rank's own piece; the
+        engine sends the others theirs."""
+        f = self.open_tensor(c.key)
+        dtype, shape, _ = f.info(c.key[1])
+        n = c.rows[1] - c.rows[0]
+        rows = self._buffer("read", c.nbytes).view(dtype).view((n,) + tuple(shape[1:]))
+        box = ((c.rows[0],) + (0,) * (len(shape) - 1), (n,) + tuple(shape[1:]))
+        self.bytes_read += f.read_into(c.key[1], rows, box)
+        for p in c.pieces:
+            if p.peer == self.rank:
+                self._into_target(c.key, p, local_slice(rows, box, p.offset, p.shape))
+        return rows, box
 
-    def _read_and_pack(self, k: int, send: torch.Tensor, send_sizes: list[int]) -> None:
-        starts, pos = [], 0
-        for n in send_sizes:
-            starts.append(pos)
-            pos += n
-        for c in self.mine[k]:
-            f = self.open_tensor(c.key)
-            dtype, shape, _ = f.info(c.key[1])
-            n = c.rows[1] - c.rows[0]
-            rows = self._buffer("read", c.nbytes).view(dtype).view((n,) + tuple(shape[1:]))
-            box = ((c.rows[0],) + (0,) * (len(shape) - 1), (n,) + tuple(shape[1:]))
-            self.bytes_read += f.read_into(c.key[1], rows, box)  # whole rows: one read
-            for p in c.pieces:
-                index = (slice(p.offset[0] - c.rows[0], p.offset[0] - c.rows[0] + p.shape[0]),) + tuple(
-                    slice(o, o + s) for o, s in zip(p.offset[1:], p.shape[1:]))
-                if p.dst == self.rank:
-                    self._into_target(c.key, p, rows[index])
-                else:
-                    at = starts[p.dst]
-                    send[at : at + p.nbytes].view(dtype).view(p.shape).copy_(rows[index])
-                    starts[p.dst] += padded(p.nbytes)
+    def _unpack(self, c: Chunk, p: Piece, data: torch.Tensor) -> None:
+        self._into_target(c.key, p, data.view(self.targets[c.key].dtype).view(p.shape))

@@ -59,6 +59,10 @@ class Extent(NamedTuple):
     segments: tuple[Segment, ...]
 
 
+# The checkpoint id in FilePlan.header, replaced by each save's (FilePlan.header_for).
+_ID_PLACEHOLDER = "0" * fmt.CHECKPOINT_ID_CHARS
+
+
 @dataclass(frozen=True)
 class FilePlan:
     number: int  # 1-based, global
@@ -70,7 +74,25 @@ class FilePlan:
 
     @functools.cached_property
     def header(self) -> bytes:
-        return fmt.encode_header(self.tensors)
+        """The file's header, its __metadata__ marking it ours (format version and checkpoint id),
+        with a placeholder id: header_for(id) is what a save writes, of the same length."""
+        return fmt.encode_header(self.tensors, {fmt.SHARD_VERSION_KEY: fmt.WRITTEN_VERSION,
+                                                fmt.SHARD_CHECKPOINT_KEY: _ID_PLACEHOLDER})
+
+    @functools.cached_property
+    def _id_at(self) -> int:
+        # __metadata__ is the header's first key, so the first match is its id, not a tensor name
+        needle = f'"{fmt.SHARD_CHECKPOINT_KEY}":"{_ID_PLACEHOLDER}"'.encode()
+        return self.header.index(needle) + len(needle) - 1 - fmt.CHECKPOINT_ID_CHARS
+
+    def header_for(self, checkpoint_id: str) -> bytes:
+        """The header of this file in the save checkpoint_id (fmt.CHECKPOINT_ID_CHARS letters and
+        digits: a uuid4().hex): the encoded header with the id put in, no encoding per save."""
+        n = fmt.CHECKPOINT_ID_CHARS
+        if len(checkpoint_id) != n or not (checkpoint_id.isascii() and checkpoint_id.isalnum()):
+            raise ValueError(f"checkpoint id {checkpoint_id!r} is not {n} ASCII letters and digits")
+        at = self._id_at
+        return self.header[:at] + checkpoint_id.encode() + self.header[at + n:]
 
     @property
     def data_start(self) -> int:

@@ -40,10 +40,6 @@ def _next_call(kind: str, group) -> int:
     return counts[kind]
 
 
-def _default_store():
-    return default_store()
-
-
 def _tqdm():
     try:
         from tqdm import tqdm
@@ -70,7 +66,7 @@ class Progress:
         n = _next_call(kind, identity)
         # the group's name too: groups of the same ranks (another timeout) count separately
         self.key = f"dist_saver/progress/{kind}/{group}/{getattr(identity, 'group_name', '')}/{n}"
-        self.store = _default_store() if self.enabled and comm.active and comm.world_size > 1 else None
+        self.store = default_store() if self.enabled and comm.active and comm.world_size > 1 else None
         self.lock = threading.Lock()
         self.pending = 0
         self.done_local = 0

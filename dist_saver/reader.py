@@ -1,25 +1,41 @@
-"""Reads boxes of tensors out of safetensors files with positioned reads, straight into the target.
+"""Reads boxes of tensors out of safetensors files with positioned reads, straight into the target,
+checking the recorded checksums of the bytes as they are read.
 
 Why not safetensors' own mmap + get_slice: on a cold cache its page faults pull in whole tensors
 and more (kernel readahead; measured here: 56-64 MiB read from disk for a 16 MiB quarter of a
-64 MiB tensor), so a rank loading 1/N of a model read most of it. With POSIX_FADV_RANDOM and one
-pread per contiguous run, the disk sees the shard's bytes (16.0 MiB for that quarter), and a
-contiguous CPU target is filled without an intermediate copy.
+64 MiB tensor), so a rank loading 1/N of a model read most of it. With POSIX_FADV_RANDOM and
+vectored positioned reads of the planned byte spans (load_plan.box_items), the disk sees the
+shard's bytes, many small tensors cost one system call, and a contiguous CPU target is filled
+without an intermediate copy.
+
+Checks while reading: a file opened with its recorded checksums (index.open_shard) hashes every
+block (checksum.BLOCK_BYTES, cut at the recorded ranges' edges) that a read touches, right after
+the read of at most READ_BATCH bytes (while they are in the CPU's cache), reading the rest of a
+block it needs only part of; a mismatch raises CheckpointError naming the file, the byte range
+and the rank that wrote it. A block is checked once per open file.
 """
 
 from __future__ import annotations
 
 import abc
-import itertools
+import bisect
 import math
 import os
+import struct
+import warnings
 from typing import NamedTuple, Sequence
 
 import torch
 
 from . import format as fmt
-from .errors import CheckpointError
-from .buffers import StagingBuffer, as_bytes
+from .buffers import StagingBuffer, as_bytes, staging_buffer
+from .checksum import Hasher, parse
+from .errors import CheckpointError, DistSaverWarning
+from .load_plan import Item, box_items
+
+# Bytes per vectored read (and per batch hashed right after it), and iovecs per read (Linux takes 1024).
+READ_BATCH = 8 << 20
+MAX_IOVECS = 512
 
 
 class TensorEntry(NamedTuple):
@@ -41,6 +57,7 @@ class WeightsFile(abc.ABC):
 
     path: str
     bytes_read: int
+    metadata: dict = {}  # the header's __metadata__ (safetensors); empty where there is none
 
     @abc.abstractmethod
     def names(self) -> list[str]:
@@ -59,6 +76,11 @@ class WeightsFile(abc.ABC):
                   staging: StagingBuffer | None = None) -> int:
         """Fill out with the box (offset, shape) of tensor name (default: all of it); returns the
         bytes read. CheckpointError if out's dtype or shape is not the box's."""
+
+    def read_many(self, requests: Sequence[tuple[str, torch.Tensor, tuple | None]],
+                  staging: StagingBuffer | None = None) -> int:
+        """read_into for each (name, out, box); returns the bytes read."""
+        return sum(self.read_into(name, out, box, staging) for name, out, box in requests)
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -81,56 +103,61 @@ class WeightsFile(abc.ABC):
         return entry, tuple(offset), tuple(bshape)
 
 
-def open_weights(path: str) -> WeightsFile:
-    """A reader for one weights file: ShardFile for safetensors, LegacyFile for torch.save'd ones."""
-    if fmt.is_legacy_file(path):
-        from .legacy import LegacyFile
-
-        return LegacyFile(path)
-    return ShardFile(path)
-
-
 class ShardFile(WeightsFile):
     """One open safetensors file: its validated header and positioned reads into tensors."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, recorded: Sequence | None = None):
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
+        self.bytes_read = 0
+        self.bytes_checked = 0  # bytes whose recorded checksums were checked
         try:
             if hasattr(os, "posix_fadvise"):  # no readahead: read the ranges asked for, no more
                 os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
             self.size = os.fstat(self.fd).st_size
+            self.checks = _Checks(path, recorded, self.size) if recorded is not None else None
+            if self.checks is not None:  # the header decides what every read means: its bytes checked first
+                raw = os.pread(self.fd, 8, 0)
+                length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+                self._sweep([Item(0, min(self.size, 8 + length), -1, 0, None, None, None)], [], None)
             self.header, self.data_start = fmt.read_header(path, self.fd)
+            meta = self.header.get("__metadata__")
+            self.metadata = meta if isinstance(meta, dict) else {}
             self._check_layout()
         except BaseException:
             os.close(self.fd)
             raise
-        self.bytes_read = 0
 
     def _check_layout(self) -> None:
         """Every entry well-formed and fitting the file, and the entries tiling the data region
         exactly, as the safetensors library requires: a header length smaller than the header
         (which would shift every tensor) leaves trailing bytes, a hole or overlap is damage."""
         self._entries = {}
+        spans = []
+        path = self.path
         for name, entry in self.header.items():
             if name != "__metadata__":
-                self._entries[name] = _parse_entry(self.path, name, entry)
-        spans = sorted((begin, begin + fmt.nbytes(shape, dtype), name)
-                       for name, (dtype, shape, begin) in self._entries.items())
+                dtype, shape, begin, n = _parse_entry(path, name, entry)
+                self._entries[name] = (dtype, shape, begin)
+                spans.append((begin, begin + n, name))
+        spans.sort()
         data = self.size - self.data_start
         pos, prev = 0, None
         for begin, end, name in spans:
-            if end > data:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has data offsets [{begin}, {end}] that do not "
-                                      f"fit the file ({self.size} bytes, data from byte {self.data_start})")
-            if begin < pos:
-                raise CheckpointError(f"{self.path}: tensors {prev!r} and {name!r} overlap in the file")
-            if begin > pos:
-                raise CheckpointError(f"{self.path}: data bytes [{pos}, {begin}) before tensor {name!r} belong to "
+            if begin != pos:
+                if end > data:
+                    raise CheckpointError(f"{path}: tensor {name!r} has data offsets [{begin}, {end}] that do not "
+                                          f"fit the file ({self.size} bytes, data from byte {self.data_start})")
+                if begin < pos:
+                    raise CheckpointError(f"{path}: tensors {prev!r} and {name!r} overlap in the file")
+                raise CheckpointError(f"{path}: data bytes [{pos}, {begin}) before tensor {name!r} belong to "
                                       "no tensor: the header's data_offsets are wrong")
+            if end > data:
+                raise CheckpointError(f"{path}: tensor {name!r} has data offsets [{begin}, {end}] that do not "
+                                      f"fit the file ({self.size} bytes, data from byte {self.data_start})")
             pos, prev = end, name
         if pos != data:
-            raise CheckpointError(f"{self.path}: the tensors fill {pos} bytes of data but the header length field "
+            raise CheckpointError(f"{path}: the tensors fill {pos} bytes of data but the header length field "
                                   f"({self.data_start - 8}) leaves {data}: the header length or data_offsets are "
                                   "wrong, or the file has trailing bytes")
 
@@ -156,85 +183,333 @@ class ShardFile(WeightsFile):
                   staging: StagingBuffer | None = None) -> int:
         """Fill `out` with the box (offset, shape) of tensor `name` (default: all of it).
 
-        out may live anywhere (CPU, CUDA, non-contiguous): blocks of rows that cannot be read
-        into it directly go through the staging buffers (for CUDA: pinned, each block's copy to
-        the device overlapping the read of the next; the caller calls staging.finish() before
-        using out). Returns the bytes read.
+        out may live anywhere (CPU, CUDA, non-contiguous): bytes that cannot be read into it
+        directly go through the staging buffers (for CUDA: pinned, each block's copy to the
+        device overlapping the read of the next; the caller calls staging.finish() before using
+        out). Returns the bytes read (checked blocks' extra bytes included).
         """
-        (dtype, shape, start), offset, bshape = self._box(name, out, box)
-        if out.numel() == 0:
-            return 0
-        if staging is None:
-            staging = StagingBuffer()
-            try:
-                return self._read_box(out, start, offset, bshape, shape, dtype, staging)
-            finally:
+        return self.read_many([(name, out, box)], staging)
+
+    def read_many(self, requests: Sequence[tuple[str, torch.Tensor, tuple | None]],
+                  staging: StagingBuffer | None = None) -> int:
+        """Fill each (name, out, box) of requests in one sweep over the file in offset order:
+        adjacent spans share vectored reads, each checked block is read and hashed once."""
+        items: list[Item] = []
+        outs = [out for _, out, _ in requests]
+        own = staging is None
+        staging = staging or staging_buffer()
+        chunk = min(READ_BATCH, staging.nbytes)
+        for i, (name, out, box) in enumerate(requests):
+            (dtype, shape, start), offset, bshape = self._box(name, out, box)
+            direct = out.device.type == "cpu" and out.is_contiguous()
+            items += box_items(start, shape, dtype.itemsize, offset, bshape, direct, i, chunk)
+        try:
+            before = self.bytes_read
+            self._sweep(items, outs, staging)
+            return self.bytes_read - before
+        finally:
+            if own:  # the caller's buffer is finished by the caller, before it uses the targets
                 staging.finish()
-        return self._read_box(out, start, offset, bshape, shape, dtype, staging)
 
-    def _pread(self, view: memoryview, offset: int) -> None:
-        """Fill view with the file's bytes at offset: every read of this file goes through here."""
-        got = os.preadv(self.fd, [view], offset)
-        if got != len(view):
-            raise CheckpointError(f"{self.path}: file is truncated (short read at byte {offset})")
+    def verify(self) -> int:
+        """Check every recorded block of the file (verify()); returns the bytes checked."""
+        if self.checks is None:
+            raise CheckpointError(f"{self.path}: opened without recorded checksums")
+        if self.checks.unknown:
+            raise CheckpointError(self.checks.unknown[0])
+        self._sweep([Item(0, self.size, -1, 0, None, None, None)], [], None)
+        return self.bytes_checked
 
-    def _read_box(self, dst, start, off, bshape, shape, dtype, staging) -> int:
-        nbytes = fmt.nbytes(bshape, dtype)
-        row = fmt.nbytes(shape[1:], dtype)
-        if shape and _run_length(shape, off, bshape, dtype.itemsize) < SMALL_RUN and row <= staging.nbytes:
-            return self._read_whole_rows(dst, start, off, bshape, shape, dtype, staging, row)
-        if (dst.device.type == "cpu" and dst.is_contiguous()) or nbytes <= staging.nbytes:
-            return self._read_rows(dst, start, off, bshape, shape, dtype, staging)
-        # Too big for the staging buffer: split along the first dim that can be split.
-        d = next(i for i, s in enumerate(bshape) if s > 1)
-        per = max(1, staging.nbytes // (nbytes // bshape[d]))
-        n = 0
-        for lo in range(0, bshape[d], per):
-            k = min(per, bshape[d] - lo)
-            sub_off = off[:d] + (off[d] + lo,) + off[d + 1 :]
-            sub_shape = bshape[:d] + (k,) + bshape[d + 1 :]
-            n += self._read_box(dst.narrow(d, lo, k), start, sub_off, sub_shape, shape, dtype, staging)
+    def _preadv(self, views: list, offset: int) -> None:
+        """Fill views, in order, with the file's bytes from offset: every read of this file goes
+        through here."""
+        want = sum(len(v) for v in views)
+        try:
+            got = os.preadv(self.fd, views, offset)
+        except OSError as e:  # an unreadable checkpoint: its file and bytes named (read() names neither)
+            raise CheckpointError(f"{self.path}: reading bytes [{offset}, {offset + want}) failed: "
+                                  f"[Errno {e.errno}] {e.strerror or e}") from e
+        if got != want:  # a regular file returns short only at its end
+            raise CheckpointError(f"{self.path}: file is truncated (short read of bytes [{offset}, {offset + want}))")
+
+    def _sweep(self, items: list[Item], outs: list, staging: StagingBuffer | None) -> None:
+        """Read every item's bytes into its target in file order, with the unchecked blocks they
+        touch (items of target -1 are read only to be checked)."""
+        items = sorted(items)
+        # Items for different targets may overlap (two targets of one tensor): later sweeps.
+        layers: list[list[Item]] = [[]]
+        for it in items:
+            for layer in layers:
+                if not layer or layer[-1].offset + layer[-1].nbytes <= it.offset:
+                    layer.append(it)
+                    break
+            else:
+                layers.append([it])
+        staging = staging or staging_buffer()
+        pinned = any(o.device.type == "cuda" for o in outs)
+        for layer in layers:
+            self._sweep_layer(layer, outs, staging, pinned)
+
+    def _sweep_layer(self, items: list[Item], outs: list, staging: StagingBuffer, pinned: bool) -> None:
+        checks = self.checks
+        blocks = checks.unchecked(items) if checks is not None else []
+        # The file spans to read: the items, widened to the blocks they touch, merged.
+        spans: list[list] = []  # [begin, end, items]
+        bi = 0
+        for it in items:
+            a, b = it.offset, it.offset + it.nbytes
+            while bi < len(blocks) and blocks[bi].stop <= a:
+                bi += 1
+            j = bi
+            while j < len(blocks) and blocks[j].start < b:
+                a, b = min(a, blocks[j].start), max(b, blocks[j].stop)
+                j += 1
+            if spans and a <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], b)
+                spans[-1][2].append(it)
+            else:
+                spans.append([a, b, [it]])
+        feed = _BlockFeed(self.path, blocks)
+        for begin, end, span_items in spans:
+            self._read_span(begin, end, span_items, outs, staging, pinned, feed)
+        feed.done()
+        if checks is not None:
+            checks.mark(blocks)
+            self.bytes_checked += sum(b.stop - b.start for b in blocks)
+
+    def _read_span(self, begin: int, end: int, items: list[Item], outs: list, staging: StagingBuffer,
+                   pinned: bool, feed: "_BlockFeed") -> None:
+        """One contiguous file span, in batches of at most READ_BATCH bytes: one vectored read,
+        the checked blocks hashed, then the staged items copied into their targets."""
+        pos, k = begin, 0
+        limit = min(READ_BATCH, staging.nbytes)  # staged items are planned at most this large
+        while pos < end:
+            batch = _Batch(staging, pinned)
+            start = pos
+            while pos < end and batch.total < limit and len(batch.views) < MAX_IOVECS:
+                it = items[k] if k < len(items) else None
+                if it is None or it.offset > pos:  # a gap: bytes of a block being checked
+                    stop = min(end if it is None else it.offset, pos + limit - batch.total)
+                    batch.stage(stop - pos)
+                    pos = stop
+                    continue
+                left = it.offset + it.nbytes - pos
+                if it.target < 0:  # read only to be checked
+                    pos += batch.stage(min(left, limit - batch.total))
+                elif it.dst_box is None:  # straight into a contiguous CPU target
+                    n = min(left, limit - batch.total)
+                    at = it.at + pos - it.offset
+                    batch.direct(as_bytes(outs[it.target])[at : at + n])
+                    pos += n
+                else:  # staged whole, then copied out
+                    if batch.total and batch.total + it.nbytes > limit:
+                        break
+                    pos += batch.stage(it.nbytes, it)
+                if pos >= it.offset + it.nbytes:
+                    k += 1
+            self._preadv(batch.views, start)
+            self.bytes_read += batch.total
+            at = start
+            for v in batch.views:
+                feed.feed(at, v)
+                at += len(v)
+            for it, data in batch.copies:
+                _deliver(it, data, outs, staging)
+
+
+class _Batch:
+    """The buffers of one vectored read: targets' own bytes, and a staging buffer's for gaps and
+    for items copied out after the read."""
+
+    def __init__(self, staging: StagingBuffer, pinned: bool):
+        self.staging, self.pinned = staging, pinned
+        self.views: list = []
+        self.copies: list = []
+        self.total = 0
+        self.buf = None
+        self.used = 0
+
+    def direct(self, view) -> None:
+        self.views.append(view)
+        self.total += len(view)
+
+    def stage(self, n: int, item: Item | None = None) -> int:
+        if self.buf is None:
+            self.buf = self.staging.get(pinned=self.pinned)
+        if self.used + n > self.buf.numel():
+            raise AssertionError("a read batch outgrew the staging buffer")  # READ_BATCH is below its size
+        data = self.buf[self.used : self.used + n]
+        self.used += n
+        self.views.append(as_bytes(data))
+        self.total += n
+        if item is not None:
+            self.copies.append((item, data))
         return n
 
-    def _read_whole_rows(self, dst, start, off, bshape, shape, dtype, staging, row) -> int:
-        """Small runs (e.g. column shards of narrow rows): one sequential read of the box's whole
-        rows per block, then a strided copy. Reads up to full-row/box-row times the box (2x for
-        a 2-way column split) but replaces thousands of tiny random reads, which were ~10x
-        slower here."""
-        per = max(1, staging.nbytes // row)
-        inner = tuple(slice(o, o + s) for o, s in zip(off[1:], bshape[1:]))
-        n = 0
-        for lo in range(0, bshape[0], per):
-            k = min(per, bshape[0] - lo)
-            buf = staging.get(pinned=dst.device.type == "cuda")[: k * row]
-            self._pread(as_bytes(buf), start + (off[0] + lo) * row)
-            full = buf.view(dtype).view((k,) + tuple(shape[1:]))
-            staging.upload(dst.narrow(0, lo, k), full, (slice(None),) + inner)
-            n += k * row
-        self.bytes_read += n
-        return n
 
-    def _read_rows(self, dst, start, off, bshape, shape, dtype, staging) -> int:
-        direct = dst.device.type == "cpu" and dst.is_contiguous()
-        if direct:
-            target = dst
-        else:
-            buf = staging.get(pinned=dst.device.type == "cuda")
-            target = buf[: max(1, dst.numel()) * dtype.itemsize].view(dtype).view(dst.shape)
-        view = as_bytes(target)
+def _deliver(it: Item, data: torch.Tensor, outs: list, staging: StagingBuffer) -> None:
+    """Copy a staged item's bytes into its part of the target."""
+    out = outs[it.target]
+    src = data.view(out.dtype).view(it.src_shape)
+    dst = out[tuple(slice(o, o + s) for o, s in zip(*it.dst_box))] if it.dst_box[1] else out
+    index = None if it.src_box is None else tuple(slice(o, o + s) for o, s in zip(*it.src_box))
+    staging.upload(dst, src, index)
+
+
+class _Block(NamedTuple):
+    start: int
+    stop: int
+    digest: str
+    rank: object
+    key: tuple  # (range index, block index): checked once per open file
+
+
+class _Checks:
+    """A file's recorded ranges, [[offset, length, rank, checksum]...] from the index, checked to
+    tile the file, and which of their blocks this open file has checked."""
+
+    def __init__(self, path: str, recorded: Sequence, size: int):
+        self.path = path
+        self.unknown: list[str] = []  # ranges whose checksum algorithm this reader lacks
+        ranges = []
+        try:
+            raw = sorted((int(b), int(n), rank, c) for b, n, rank, c in recorded)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: the index's recorded ranges are malformed: {e!r}") from None
         pos = 0
-        for file_offset, length in _runs(shape, off, bshape, dtype.itemsize):
-            self._pread(view[pos : pos + length], start + file_offset)
-            pos += length
-        if not direct:
-            staging.upload(dst, target)
-        self.bytes_read += pos
-        return pos
+        for b, n, rank, c in raw:
+            if b != pos or n <= 0:
+                raise CheckpointError(f"{path}: the index's recorded ranges do not tile the file (gap or overlap at "
+                                      f"byte {pos})")
+            where = (f"{path}: the checksum the index records for bytes [{b}, {b + n}) (field "
+                     f"metadata.{fmt.META_KEY}.files[{os.path.basename(path)!r}])")
+            try:
+                rec = parse(c, b, b + n) if c else None
+            except ValueError as e:
+                if not str(e).startswith("unknown checksum algorithm"):
+                    raise CheckpointError(f"{where}: {e}") from None
+                # a later writer's algorithm: verify() refuses it, a load reads the range unchecked
+                self.unknown.append(f"{where}: {e}")
+                rec = None
+            except RuntimeError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+            ranges.append((b, b + n, rank, rec))
+            pos = b + n
+        if pos != size:
+            raise CheckpointError(f"{path}: the file has {size} bytes but its recorded ranges cover {pos}; the file "
+                                  "is damaged (or truncated)")
+        self.ranges = ranges
+        self.starts = [r[0] for r in ranges]
+        self.done: set = set()
+        if self.unknown:
+            warnings.warn(f"{self.unknown[0]}: not checked (a newer dist_saver's checksums?)", DistSaverWarning,
+                          stacklevel=2)
+
+    def _blocks_of(self, i: int, a: int, b: int):
+        """The blocks of range i overlapping [a, b)."""
+        begin, end, rank, rec = self.ranges[i]
+        if rec is None:
+            return
+        if rec.block is None:
+            if (i, 0) not in self.done:
+                yield _Block(begin, end, rec.digests[0], rank, (i, 0))
+            return
+        size = rec.block
+        first = (begin // size + 1) * size  # end of block 0
+        lo = max(a, begin)
+        k = 0 if lo < first else (lo - first) // size + 1
+        while True:
+            start = begin if k == 0 else first + (k - 1) * size
+            if start >= min(b, end):
+                return
+            stop = min(end, first + k * size)
+            if (i, k) not in self.done:
+                yield _Block(start, stop, rec.digests[k], rank, (i, k))
+            k += 1
+
+    def unchecked(self, items: list[Item]) -> list[_Block]:
+        """The blocks not yet checked that the (sorted) items touch, in file order, each once."""
+        out: list[_Block] = []
+        seen = set()
+        for it in items:
+            a, b = it.offset, it.offset + it.nbytes
+            if b <= a:
+                continue
+            i = bisect.bisect_right(self.starts, a) - 1
+            while i < len(self.ranges) and self.ranges[i][0] < b:
+                for blk in self._blocks_of(i, a, b):
+                    if blk.key not in seen:
+                        seen.add(blk.key)
+                        out.append(blk)
+                i += 1
+        out.sort()
+        return out
+
+    def mark(self, blocks: list[_Block]) -> None:
+        self.done.update(b.key for b in blocks)
 
 
-def _parse_entry(path: str, name: str, entry) -> tuple[torch.dtype, tuple[int, ...], int]:
-    """(dtype, shape, data offset) of one header entry; anything malformed, or a tensor whose bytes
-    do not fit its data_offsets (or no tensor torch can allocate), is a CheckpointError."""
+class _BlockFeed:
+    """Bytes read in file order -> the checksums of the blocks being checked."""
+
+    def __init__(self, path: str, blocks: list[_Block]):
+        self.path, self.blocks = path, blocks
+        self.i = 0
+        self.h: Hasher | None = None
+
+    def feed(self, at: int, view) -> None:
+        end = at + len(view)
+        blocks = self.blocks
+        while self.i < len(blocks):
+            blk = blocks[self.i]
+            if blk.start >= end:
+                return
+            lo, hi = max(at, blk.start), min(end, blk.stop)
+            if hi <= lo:  # the block ends before these bytes (cannot happen: blocks are read in order)
+                self.i += 1
+                continue
+            if self.h is None:
+                if lo != blk.start:
+                    raise AssertionError(f"block [{blk.start}, {blk.stop}) of {self.path} fed from {lo}")
+                self.h = Hasher(_algorithm(blk))
+            self.h.update(view[lo - at : hi - at])
+            if hi < blk.stop:
+                return
+            actual = self.h.hexdigest()
+            self.h = None
+            self.i += 1
+            if actual != blk.digest:
+                raise CheckpointError(
+                    f"{self.path}: checksum {_algorithm(blk)}:{actual} of bytes [{blk.start}, {blk.stop}) (written "
+                    f"by rank {blk.rank}) does not match the recorded {blk.digest}; the file is damaged")
+
+    def done(self) -> None:
+        if self.i != len(self.blocks):
+            blk = self.blocks[self.i]
+            raise AssertionError(f"block [{blk.start}, {blk.stop}) of {self.path} was not read whole")
+
+
+def _algorithm(blk: _Block) -> str:
+    return "crc32" if len(blk.digest) == 8 else "xxh3_64"
+
+
+def _parse_entry(path: str, name: str, entry) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, data offset, bytes) of one header entry; anything malformed, or a tensor whose
+    bytes do not fit its data_offsets (or no tensor torch can allocate), is a CheckpointError."""
+    if entry.__class__ is dict:
+        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        dtype = fmt._CODE_TO_DTYPE.get(code) if code.__class__ is str else None
+        # the common case in a few checks: plain ints, small enough for any tensor
+        if (dtype is not None and shape.__class__ is list and offsets.__class__ is list and len(offsets) == 2
+                and all(s.__class__ is int and 0 <= s < 1 << 31 for s in shape) and len(shape) <= 8
+                and all(x.__class__ is int and x >= 0 for x in offsets)):
+            n = dtype.itemsize * math.prod(shape)
+            if offsets[1] - offsets[0] == n:
+                return dtype, tuple(shape), offsets[0], n
+    return _parse_entry_slowly(path, name, entry)
+
+
+def _parse_entry_slowly(path: str, name: str, entry):
     where = f"{path}: header entry {name!r}"
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where} is a {type(entry).__name__}, not an object")
@@ -257,50 +532,10 @@ def _parse_entry(path: str, name: str, entry) -> tuple[torch.dtype, tuple[int, .
     if end - begin != n:
         raise CheckpointError(f"{where} ({code}{shape}, {n} bytes) has data offsets [{begin}, {end}] that do "
                               "not fit it")
-    return dtype, tuple(shape), begin
+    return dtype, tuple(shape), begin, n
 
 
 def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-# Below this many contiguous bytes per run, reading whole rows sequentially beats exact reads.
-SMALL_RUN = 64 << 10
-
-
-def _run_dim(shape, offset, bshape, item) -> tuple[int, int]:
-    """(k, step): each contiguous run of the box is bshape[k] steps of `step` bytes along dim k,
-    the last dim (0 at least) that the box does not cover fully; the dims after it merge in."""
-    k = len(shape) - 1
-    while k > 0 and offset[k] == 0 and bshape[k] == shape[k]:
-        k -= 1
-    return k, item * math.prod(shape[k + 1 :])
-
-
-def is_one_run(shape, offset, bshape) -> bool:
-    """Whether the box is one contiguous run of the tensor's row-major bytes (whole rows, or part
-    of one row): every dim before the last partial one has extent 1."""
-    k, _ = _run_dim(shape, offset, bshape, 1)
-    return all(s == 1 for s in bshape[:k])
-
-
-def _run_length(shape, offset, bshape, item) -> int:
-    k, step = _run_dim(shape, offset, bshape, item)
-    return bshape[k] * step if k > 0 else 1 << 62  # a range of whole rows is one run however short
-
-
-def _runs(shape: Sequence[int], offset: Sequence[int], bshape: Sequence[int], item: int):
-    """(byte offset in the tensor, length) of each contiguous run of the box, in row-major order."""
-    if not shape:
-        yield 0, item
-        return
-    k, inner = _run_dim(shape, offset, bshape, item)
-    strides = [0] * len(shape)
-    acc = item
-    for d in range(len(shape) - 1, -1, -1):
-        strides[d] = acc
-        acc *= shape[d]
-    length = bshape[k] * inner
-    base = offset[k] * inner
-    for idx in itertools.product(*(range(o, o + s) for o, s in zip(offset[:k], bshape[:k]))):
-        yield base + sum(i * st for i, st in zip(idx, strides)), length

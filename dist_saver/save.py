@@ -10,6 +10,8 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 
+import torch
+
 from . import format as fmt
 from .comm import Comm, describe_error, own_group
 from .errors import CollectiveError, DistSaverWarning, SaveError
@@ -87,6 +89,7 @@ def dist_save(
     progress: bool | None = None,
     optimizer=None,
     train_state=None,
+    dtype: torch.dtype | None = None,
 ):
     """Save on every rank of the group into one Hugging Face safetensors checkpoint at path.
 
@@ -147,9 +150,13 @@ def dist_save(
             gives it (DTensor states for sharded parameters), is saved by the same plan and
             in-place writes as the weights, into optimizer-XXXXX-of-YYYYY.safetensors +
             optimizer.safetensors.index.json (param_groups in its metadata).
-        train_state: rank 0's, JSON-serialisable (step, scheduler state, data position...); it and
-            every rank's torch RNG state go into train_state.json. All in the same atomic publish;
-            the model part stays a plain Hugging Face checkpoint.
+        train_state: rank 0's, JSON-serialisable (step, scheduler state, data position...), copied
+            at the call; it and every rank's torch RNG state go into train_state.json. All in the
+            same atomic publish; the model part stays a plain Hugging Face checkpoint.
+        dtype: save the model's floating-point tensors in this dtype (e.g. torch.bfloat16 for the
+            last save of a training run, for deployment): cast while streaming through the write
+            buffers (or into an async save's snapshot), never a copy of the model; config.json's
+            dtype follows. Other tensors, and the optimizer's state, keep theirs.
 
     Returns:
         SaveResult, the same on every rank but for `rank` (rank 0's `upload` is a hub.Upload with
@@ -173,7 +180,7 @@ def dist_save(
     # 1. Describe the local tensors and share the descriptions.
     with comm.step("describing what to save (state dict, config, tokenizer)", result="distinct") as described:
         local, extra, training = _describe(model_or_state_dict, tokenizer, processor, optimizer, train_state,
-                                           comm.rank)
+                                           comm.rank, dtype)
         described.value = (local.metas, local.aliases)
     opts = _Options(fmt.parse_size(max_shard_size), fmt.parse_size(bucket_size), overwrite, checksums, direct_io,
                     tuple(extra.items()), push_to_hub, False if async_save and progress is None else progress,
@@ -187,10 +194,11 @@ def dist_save(
     # rank's copy would not fit in host memory (an OOM kill would leave the others waiting).
     needed = prep.tensors_read_by(comm.rank)
     tensors = {n: t for n, t in prep.local.tensors.items() if n in needed}
+    stored = {i.name: fmt.torch_dtype(i.dtype) for i in prep.infos}  # dtype=: the snapshot is cast already
     with comm.step("checking host memory for an async save's snapshot"):
-        check_snapshot_fits(tensors, comm.rank)
+        check_snapshot_fits(tensors, comm.rank, stored)
     with comm.step("snapshotting tensors for an async save"):
-        prep.local.tensors = snapshot(tensors)
+        prep.local.tensors = snapshot(tensors, stored)
     # Writing and the commit go on in a thread; their collectives run on the save's gloo group,
     # apart from the training's.
     return AsyncSave.start(_write_and_commit, (prep, path, comm, opts, t0), time.perf_counter() - t0)
@@ -218,13 +226,15 @@ class _Training:
     rng: dict  # this rank's RNG states
 
 
-def _describe(model_or_state_dict, tokenizer, processor, optimizer, train_state, rank: int):
+def _describe(model_or_state_dict, tokenizer, processor, optimizer, train_state, rank: int, dtype=None):
     """This rank's part of step 1 (no communication): (LocalState, extra files, _Training or None).
     Warns (DistSaverWarning, at dist_save's caller) about tensors that overlap in memory."""
     extra, training = {}, None
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype, not {dtype!r}")
     if rank == 0:  # taken now: an async save must not see later changes
-        extra = extra_files(model_or_state_dict, tokenizer, processor)
-    local = collect(model_or_state_dict)
+        extra = extra_files(model_or_state_dict, tokenizer, processor, dtype)
+    local = collect(model_or_state_dict, dtype)  # the optimizer's state keeps its dtypes
     if optimizer is not None or train_state is not None:
         training = _training_part(model_or_state_dict, optimizer, train_state, local, rank)
     if local.overlaps:  # one warning per save, naming the first pairs
@@ -302,7 +312,8 @@ def _write_and_commit(prep: _Prepared, path: str, comm: Comm, opts: _Options, t0
     target, took = Target(path), False  # took: rank 0 holds the lock and made the staging directory
     try:  # from here every way out releases what rank 0 took (and only that)
         # 3. Rank 0 takes the lock and makes a staging directory; nobody writes until it has. The
-        # save's id names its keys in the store if a rank dies after the publish.
+        # save's id (uuid4().hex) is in every shard file's header and in the indexes (the checkpoint
+        # id), and names its keys in the store if a rank dies after the publish.
         with comm.step(f"preparing {path}", result="shared") as prepared:
             if comm.rank == 0:
                 Upload.wait_for(target.path)  # an upload of the checkpoint this save replaces
@@ -335,7 +346,7 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, save_id: str, c
     try:
         # 4a. Each owner creates its files (header, final size) before anyone writes into them.
         with comm.step(f"creating the files of {path}"):
-            ranges = create_files(plan, streamer, staging, comm.rank)
+            ranges = create_files(plan, streamer, staging, comm.rank, save_id)
         # 4b. Every rank writes its share in place; the writes are durable before it reports.
         with comm.step(f"writing {path}", result="all") as wrote:
             t_write = time.perf_counter()
@@ -359,7 +370,7 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, save_id: str, c
     try:
         with comm.step(f"publishing {path}"):
             if comm.rank == 0:
-                _publish(target, staging, plan, opts, all_ranges, [r[3] for r in reports])
+                _publish(target, staging, plan, opts, all_ranges, [r[3] for r in reports], save_id)
     except CollectiveError as e:
         # The collective broke (a rank died or hung) around rank 0's publish: what each survivor
         # reports must match the disk, so look at it instead of assuming failure.
@@ -387,9 +398,10 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, save_id: str, c
     return result
 
 
-def _publish(target: Target, staging: str, plan: Plan, opts: _Options, all_ranges: list, rngs: list) -> None:
+def _publish(target: Target, staging: str, plan: Plan, opts: _Options, all_ranges: list, rngs: list,
+             save_id: str) -> None:
     """Rank 0's part of step 5: check every range against the plan, write the files beside the
-    weights and the index into staging, and publish the directory."""
+    weights and the indexes (recording save_id) into staging, and publish the directory."""
     path = target.path
     try:
         check_written(plan, all_ranges)
@@ -399,9 +411,9 @@ def _publish(target: Target, staging: str, plan: Plan, opts: _Options, all_range
         files = written_files(plan, all_ranges)
         beside = [name for name, _ in opts.extra_files]
         if opts.training is not None:
-            beside += _write_training(staging, plan, files, opts.training, rngs)
+            beside += _write_training(staging, plan, files, opts.training, rngs, save_id)
         with _naming(os.path.join(staging, fmt.INDEX_NAME)):  # ENOSPC from a write has no file name
-            write_index(staging, plan.part("model"), files, beside)
+            write_index(staging, plan.part("model"), files, save_id, beside)
         target.publish()
     except Exception as e:
         if target.published:  # only the fsync after the rename failed: say what is on disk
@@ -410,7 +422,7 @@ def _publish(target: Target, staging: str, plan: Plan, opts: _Options, all_range
         raise
 
 
-def _write_training(staging: str, plan: Plan, files, training: _Training, rngs: list) -> list[str]:
+def _write_training(staging: str, plan: Plan, files, training: _Training, rngs: list, save_id: str) -> list[str]:
     """Rank 0: train_state.json and the optimizer's index into staging, before the model's index
     (which lists them, so a later save with overwrite=True knows them as ours)."""
     path = os.path.join(staging, fmt.TRAIN_STATE_NAME)
@@ -420,7 +432,7 @@ def _write_training(staging: str, plan: Plan, files, training: _Training, rngs: 
     if training.optimizer is not None:
         path = os.path.join(staging, fmt.OPTIM_INDEX_NAME)
         with _naming(path):
-            write_index(staging, plan.part("optimizer"), files, name=fmt.OPTIM_INDEX_NAME,
+            write_index(staging, plan.part("optimizer"), files, save_id, name=fmt.OPTIM_INDEX_NAME,
                         metadata={"optimizer": training.optimizer})
         written.append(fmt.OPTIM_INDEX_NAME)
     return written

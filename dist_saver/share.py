@@ -23,9 +23,11 @@ from .plan import Extent, FilePlan, Plan, Segment
 from .writer import RangeStream, Streamer, WrittenRange
 
 
-def create_files(plan: Plan, streamer: Streamer, staging: str, rank: int) -> list[WrittenRange]:
-    """As owner: each of this rank's files, with its header and final size (before anyone writes)."""
-    return [streamer.create(os.path.join(staging, f.name), f.header, f.size) for f in plan.files_of(rank)]
+def create_files(plan: Plan, streamer: Streamer, staging: str, rank: int, checkpoint_id: str) -> list[WrittenRange]:
+    """As owner: each of this rank's files, with its header (marked with the save's checkpoint_id)
+    and final size (before anyone writes)."""
+    return [streamer.create(os.path.join(staging, f.name), f.header_for(checkpoint_id), f.size)
+            for f in plan.files_of(rank)]
 
 
 def write_share(plan: Plan, sched: Schedule, comm, streamer: Streamer, staging: str,
@@ -47,8 +49,10 @@ def write_share(plan: Plan, sched: Schedule, comm, streamer: Streamer, staging: 
                                  shapes, dtypes, ready)
         helper.start()
 
-    def put_own(stream: RangeStream, seg: Segment) -> None:  # rows this rank holds whole
-        stream.put(_rows(local[seg.name], my_boxes.get(seg.name), seg))
+    stored = {name: fmt.torch_dtype(code) for name, code in dtypes.items()}
+
+    def put_own(stream: RangeStream, seg: Segment) -> None:  # rows this rank holds whole (cast if saved so)
+        stream.put(_rows(local[seg.name], my_boxes.get(seg.name), seg), dtype=stored[seg.name])
 
     ranges: list[WrittenRange] = []
     error: BaseException | None = None

@@ -69,8 +69,9 @@ def alias_key(t: torch.Tensor):
     )
 
 
-def collect(model_or_state_dict) -> LocalState:
-    """Describe this rank's tensors; raise TypeError/ValueError naming the bad entry."""
+def collect(model_or_state_dict, cast: torch.dtype | None = None) -> LocalState:
+    """Describe this rank's tensors; raise TypeError/ValueError naming the bad entry. cast: the
+    dtype floating-point tensors are saved in (described so; the bytes are cast while written)."""
     sd = as_state_dict(model_or_state_dict)
     metas: list[TensorMeta] = []
     aliases: dict[str, str] = {}
@@ -96,7 +97,7 @@ def collect(model_or_state_dict) -> LocalState:
         if key is not None:
             first_by_key[key] = name
         try:
-            code = fmt.dtype_code(value.dtype)
+            code = fmt.dtype_code(cast if cast is not None and value.is_floating_point() else value.dtype)
         except TypeError as e:
             raise TypeError(f"tensor {name!r}: {e}") from None
         layout = layout_of(name, value)

@@ -90,14 +90,19 @@ def llama_tp_plan(layers: int) -> dict:
     return plan
 
 
-def shard_llama(model: nn.Module, layout: str, world: int, device: str = "cpu") -> nn.Module:
+def shard_llama(model: nn.Module, layout: str, world: int, device: str = "cpu", backend: str | None = None) -> nn.Module:
     """Apply a parallel layout to a TinyLlama in place (on the meta device or materialised):
     "fsdp" (FSDP2 per layer, then the root), "tp" (llama_tp_plan), "hsdp" (FSDP2 on a
     (2, world/2) mesh: replicated across dim 0), "2d" (TP of 2 inside world/2 data-parallel
-    replicas, FSDP2 across them), "none" (unchanged). Meshes are made on `device`."""
-    from torch.distributed.device_mesh import init_device_mesh
+    replicas, FSDP2 across them), "none" (unchanged). Meshes are made on `device`, their groups
+    with `backend` (default: the world's own group where a mesh dim spans it)."""
+    from torch.distributed.device_mesh import init_device_mesh as make_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
+
+    def init_device_mesh(device, shape, **kw):
+        override = {d: backend for d in range(len(shape))} if backend else None
+        return make_mesh(device, shape, backend_override=override, **kw)
 
     layers = len(model.model.layers)
 

@@ -109,12 +109,13 @@ def train_state_document(train_state, rngs: list[dict], world_size: int) -> dict
 
 
 def encode_train_state(train_state) -> Any:
-    """Checked at the call (rank 0), so an unserialisable value fails the save before it starts."""
+    """A copy taken at the call (rank 0): an async save must not see what the caller changes
+    afterwards (a dict updated at the next step), and an unserialisable value fails the save
+    before it starts."""
     try:
-        json.dumps(train_state)
+        return json.loads(json.dumps(train_state))
     except (TypeError, ValueError) as e:
         raise TypeError(f"train_state must be JSON-serialisable: {e}") from None
-    return train_state
 
 
 def _b64(t: torch.Tensor) -> str:

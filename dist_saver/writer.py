@@ -8,10 +8,11 @@ contiguous host tensors skip the pool: the writer thread writes them from their 
 
 By default (Streamer's direct_io=False, as dist_save's) every byte goes through the page cache,
 with writeback started as each buffer lands and the dirty tail bounded (_Writeback). The writer
-thread hashes and writes a 1 MiB slice at a time, so each byte is read from memory once (measured,
-2 ranks on tmpfs: replicated 0.35 s against 0.45 s when the filling thread hashed). With
-direct_io=True, where the file system takes O_DIRECT (elsewhere the default path is used):
-buffers map to block-aligned file offsets, the aligned middle of each range is written with
+thread hashes and writes a slice at a time, each slice ending at a file offset that is a multiple
+of 1 MiB (checksum.BLOCK_BYTES: each slice lies in one checksum block), so each byte is read from
+memory once (measured, 2 ranks on tmpfs: replicated 0.35 s against 0.45 s when the filling thread
+hashed). With direct_io=True, where the file system takes O_DIRECT (elsewhere the default path is
+used): buffers map to block-aligned file offsets, the aligned middle of each range is written with
 O_DIRECT and only its unaligned edges (the pages it shares with a neighbour's range) through the
 page cache, and no tensor is written from its own memory. Extra memory: the pool, never a tensor.
 
@@ -34,15 +35,16 @@ import torch
 
 from . import format as fmt
 from .buffers import ALIGN, as_bytes, shared_pool
-from .checksum import Hasher
+from .checksum import BLOCK_BYTES, BlockHasher
 
 DEFAULT_BUFFER_BYTES = 16 << 20
 DEFAULT_BUFFER_COUNT = 4
 # O_DIRECT writes cover whole pages of this size; a page shared with a neighbour's range is written
 # through the page cache (never one page both ways: 64 KiB-page kernels included).
 _EDGE = max(ALIGN, mmap.PAGESIZE)
-# Page-cache writes hash and write this much at a time, so the bytes are read from memory once.
-_HASH_SLICE = 1 << 20
+# Page-cache writes hash and write a slice at a time, so the bytes are read from memory once; the
+# slices end at file offsets that are multiples of this (a checksum block: one digest per slice).
+_HASH_SLICE = BLOCK_BYTES
 # Stable contiguous host tensors at least this large are written from their own memory (no copy
 # into the pool); smaller ones are gathered into buffers, so the writes stay large.
 IN_PLACE_MIN_BYTES = 1 << 20
@@ -177,7 +179,7 @@ class WrittenRange:
     begin: int  # file offsets
     end: int
     rank: int
-    checksum: str = ""  # "<algorithm>:<hex>" of these bytes, computed as they were written
+    checksum: str = ""  # block checksums of these bytes ("<algorithm>@<block>:<hex>..."), as written
     direct_io: bool = False
 
 
@@ -197,7 +199,7 @@ class _Job(NamedTuple):
     lo: int
     hi: int
     buf: torch.Tensor
-    hasher: Hasher | None  # the range's running checksum (None: checksums off)
+    hasher: BlockHasher | None  # the range's running checksum, fed in file order (None: checksums off)
     event: object  # a CUDA event the copies into buf are waited on, or None
     writeback: _Writeback | None
     pooled: bool = True  # buf is the pool's (else the caller's own tensor, written in place)
@@ -206,8 +208,11 @@ class _Job(NamedTuple):
 def _pieces(job: _Job) -> list[tuple[int, int, int]]:
     """(descriptor, lo, hi) of each write that puts buf[job.lo:job.hi] on file, in file order."""
     f, base = job.file, job.base
-    if f.direct < 0:  # a slice at a time: written while still in the CPU's cache from hashing it
-        return [(f.fd, x, min(job.hi, x + _HASH_SLICE)) for x in range(job.lo, job.hi, _HASH_SLICE)]
+    if f.direct < 0:  # a slice at a time: written while still in the CPU's cache from hashing it;
+        # cut at the file offsets that are multiples of _HASH_SLICE (base may be any offset)
+        first = min(job.hi, (base + job.lo) // _HASH_SLICE * _HASH_SLICE + _HASH_SLICE - base)
+        cuts = [job.lo, *range(first, job.hi, _HASH_SLICE), job.hi]
+        return [(f.fd, x, y) for x, y in zip(cuts, cuts[1:]) if x < y]
     # O_DIRECT for whole pages (one large request); the pages shared with a neighbour's range
     # through the page cache
     start, stop = base + job.lo, base + job.hi
@@ -249,12 +254,16 @@ class _WriterThread:
         if job.event is not None:
             job.event.synchronize()  # the device-to-host copies into buf are done
         view = as_bytes(job.buf)
-        for fd, lo, hi in _pieces(job):
-            if job.hasher is not None:
-                job.hasher.update(view[lo:hi])
-            self.ops.write_all(fd, view[lo:hi], job.base + lo)
-        if job.writeback is not None:
-            job.writeback.wrote(job.base + job.hi)
+        try:
+            for fd, lo, hi in _pieces(job):
+                if job.hasher is not None:
+                    job.hasher.update(view[lo:hi], job.base + lo)
+                self.ops.write_all(fd, view[lo:hi], job.base + lo)
+            if job.writeback is not None:
+                job.writeback.wrote(job.base + job.hi)
+        except OSError as e:  # a failed write() names no file: say which, and where
+            raise OSError(e.errno, f"writing bytes [{job.base + job.lo}, {job.base + job.hi}) of {job.file.path}: "
+                                   f"{e.strerror or e}") from e
         if self.on_written is not None:
             self.on_written(job.hi - job.lo)
 
@@ -295,7 +304,7 @@ class Streamer:
         self.checksums = checksums
         self.rank = rank
         self._files: dict[str, _OpenFile] = {}
-        self._pending: list[tuple[WrittenRange, Hasher]] = []  # checksums known after the drain
+        self._pending: list[tuple[WrittenRange, BlockHasher]] = []  # checksums known after the drain
         self._lock = threading.Lock()
 
     def create(self, path: str, header: bytes, size: int) -> WrittenRange:
@@ -310,8 +319,8 @@ class Streamer:
             raise self._failed("creating", path, e) from e
         checksum = ""
         if self.checksums:
-            h = Hasher()
-            h.update(header)
+            h = BlockHasher(0, len(header))
+            h.update(header, 0)
             checksum = h.digest()
         return WrittenRange(os.path.basename(path), 0, len(header), self.rank, checksum)
 
@@ -341,9 +350,10 @@ class Streamer:
             raise self._failed("opening", path, e) from e
         return RangeStream(self, f, begin, end)
 
-    def finish(self) -> list[WrittenRange]:
+    def finish(self) -> None:
         """Wait for every write, make this rank's writes durable (fsync each file it wrote into),
-        close the files; fills in the checksums hashed on the writer thread."""
+        close the files; fills in the checksums of the ranges closed so far (hashed on the writer
+        thread)."""
         self.writer.drain()
         with self._lock:
             files, self._files = self._files, {}
@@ -358,7 +368,6 @@ class Streamer:
         for rng, hasher in self._pending:
             rng.checksum = hasher.digest()
         self._pending = []
-        return []
 
     def close(self) -> None:
         self.writer.stop()
@@ -392,7 +401,8 @@ class RangeStream:
         self.pos = 0  # bytes filled in the current buffer
         self.written = 0
         self.pending_device_copy = False
-        self.hasher = Hasher() if streamer.checksums else None  # fed by the writer thread, in order
+        # fed by the writer thread, in file order (it writes one range's jobs in order)
+        self.hasher = BlockHasher(begin, end) if streamer.checksums else None
         self.writeback = None if file.direct >= 0 else _Writeback(streamer.ops, file.fd, begin)
         self._scratch: torch.Tensor | None = None
 
@@ -445,17 +455,22 @@ class RangeStream:
             raise OSError(f"{self.file.path}: {self.written + n} bytes put into a range of "
                           f"{self.end - self.begin} [{self.begin}, {self.end})")
 
-    def put(self, t: torch.Tensor, stable: bool = True) -> int:
-        """Append t's bytes (row-major). stable: t stays unchanged until the range is closed."""
+    def put(self, t: torch.Tensor, stable: bool = True, dtype: torch.dtype | None = None) -> int:
+        """Append t's bytes (row-major), cast to dtype if given (dist_save(dtype=): while copying
+        into the pool, never a copy of the tensor). stable: t stays unchanged until the range is
+        closed."""
         if t.numel() == 0:
             return 0
-        n_total = t.nbytes
+        dtype = dtype or t.dtype
+        item = dtype.itemsize
+        n_total = t.numel() * item
         self._check_room(n_total)
-        if (stable and t.device.type == "cpu" and t.is_contiguous() and n_total >= IN_PLACE_MIN_BYTES
+        cast = dtype != t.dtype
+        if (not cast and stable and t.device.type == "cpu" and t.is_contiguous() and n_total >= IN_PLACE_MIN_BYTES
                 and self.file.direct < 0):
             self._put_in_place(t.reshape(-1).view(torch.uint8))
             return n_total
-        if t.is_contiguous():
+        if t.is_contiguous() and not cast:
             flat = t.reshape(-1).view(torch.uint8)
             i = 0
             while i < n_total:
@@ -465,18 +480,18 @@ class RangeStream:
                 i += k
             return n_total
         t = t if t.dim() else t.reshape(1)
-        row = t[0].nbytes
+        row = t[0].numel() * item
         start = 0
         while start < t.shape[0]:
             fit = self._space() // row
             if fit == 0:  # one row does not fit in what is left: split the row
-                self.put(t[start], stable)
+                self.put(t[start], stable, dtype)
                 start += 1
                 continue
             block = t[start : start + fit]
-            k = block.nbytes
-            dst = self.buf[self.pos : self.pos + k].view(t.dtype).view(block.shape)
-            self._copy(dst, block, stable)  # copy_ makes the strided block contiguous in place
+            k = block.shape[0] * row
+            dst = self.buf[self.pos : self.pos + k].view(dtype).view(block.shape)
+            self._copy(dst, block, stable)  # copy_ makes the strided block contiguous (and cast) in place
             self._advance(k)
             start += block.shape[0]
         return n_total

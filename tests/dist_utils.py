@@ -26,9 +26,21 @@ def attempt(fn, *args, **kwargs) -> tuple[bool, object]:
         return False, traceback.format_exc()
 
 
+# A world group that carries no host tensors, as NCCL's in a GPU job: a gloo backend registered for
+# the "cuda" device only, so any collective of CPU tensors on the world group fails as under NCCL.
+CUDA_ONLY = "cudaonlygloo"
+
+
+def _cuda_only_gloo(store, rank, size, timeout):
+    return dist.ProcessGroupGloo(store, rank, size, timeout)
+
+
 def _init_and_run(fn, rank, world_size, init_file, args, kwargs):
+    backend = kwargs.pop("world_backend", "gloo")
+    if backend == CUDA_ONLY:  # a fresh process: registered once
+        dist.Backend.register_backend(CUDA_ONLY, _cuda_only_gloo, devices=["cuda"])
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
         timeout=datetime.timedelta(seconds=60),
     )
     return fn(rank, world_size, *args, **kwargs)
@@ -45,6 +57,7 @@ def _entry(fn, rank, world_size, init_file, results, args, kwargs):
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 120, expect_dead=(), **kwargs) -> list:
     """fn(rank, world_size, *args, **kwargs) on every rank; its return values, by rank.
+    world_backend= (a keyword, not passed to fn): the world group's backend, "gloo" or CUDA_ONLY.
 
     Raises RankFailed with every failing rank's traceback, or if any rank is still running
     after `timeout` seconds (then all are killed): a hang is a failure, never a stuck suite.

@@ -17,9 +17,10 @@ def reference_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return TinyLlama(**DIMS, seed=seed).state_dict()
 
 
-def build(layout: str, world: int, seed: int = 0) -> torch.nn.Module:
-    """layout: none | fsdp | tp | 2d | hsdp (2-D and HSDP need an even world: 2 x world/2)."""
-    return shard_llama(TinyLlama(**DIMS, seed=seed), layout, world)
+def build(layout: str, world: int, seed: int = 0, backend: str | None = None) -> torch.nn.Module:
+    """layout: none | fsdp | tp | 2d | hsdp (2-D and HSDP need an even world: 2 x world/2);
+    backend: of the meshes' groups (default: the world's group where a mesh spans it)."""
+    return shard_llama(TinyLlama(**DIMS, seed=seed), layout, world, backend=backend)
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from dist_saver import DistSaverError, SaveError, dist_save, load_state_dict, verify
+from dist_saver import CheckpointError, DistSaverError, SaveError, dist_save, load_state_dict, verify
 from dist_saver import format as fmt
 from dist_saver.cli import main as cli
 from dist_saver.commit import Target
@@ -175,6 +175,33 @@ def test_enospc_writing_the_index_names_the_file(tmp_path, monkeypatch):
         dist_save(new_state(), path, overwrite=True)
     assert_bitwise_equal(load_state_dict(path), old_state())
     assert leftovers(path) == []
+
+
+def test_enospc_or_eio_writing_or_reading_a_shard_names_the_file_and_bytes(tmp_path, monkeypatch):
+    from dist_saver.writer import FileOps, using_file_ops
+
+    class FullDisk(FileOps):  # the headers fit, the tensors' bytes do not
+        def pwrite(self, fd, view, offset):
+            if offset >= fmt.DATA_ALIGN:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what write() raises: no file name
+            return super().pwrite(fd, view, offset)
+
+    path = tmp_path / "ck"
+    with using_file_ops(FullDisk()):
+        with pytest.raises(SaveError, match=r"No space left on device|writing bytes \[\d+, \d+\) of .*model-\d{5}-of"
+                                            r"-\d{5}\.safetensors") as info:
+            dist_save(old_state(), path)
+    assert re.search(r"writing bytes \[\d+, \d+\) of \S*model-00001-of-00001\.safetensors", str(info.value)), info.value
+    assert not path.exists() and leftovers(path) == []
+    dist_save(old_state(), path)
+
+    def eio(*args):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))  # what the OS says: no file name
+
+    monkeypatch.setattr(os, "preadv", eio)
+    with pytest.raises(CheckpointError, match=r"model-00001-of-00001\.safetensors: reading bytes \[\d+, \d+\) "
+                                              r"failed: \[Errno 5\] Input/output error"):
+        load_state_dict(path)
 
 
 # 5. The process group destroyed and initialised again in the same processes.

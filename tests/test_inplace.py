@@ -63,11 +63,12 @@ def _save_layouts(rank, world, root, layouts):
     return out
 
 
-def _expected_bytes(plan, reference) -> dict[str, bytes]:
-    """What the plan says each file holds: its header, then every tensor's bytes in plan order."""
+def _expected_bytes(plan, reference, checkpoint_id) -> dict[str, bytes]:
+    """What the plan says each file holds: its header (with the save's id), then every tensor's
+    bytes in plan order."""
     out = {}
     for f in plan.files:
-        parts = [f.header]
+        parts = [f.header_for(checkpoint_id)]
         for t in f.tensors:
             v = reference[t.name]
             parts.append(v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
@@ -80,7 +81,10 @@ def _check_saves(saves):
         reference = odd_reference() if layout == "odd" else reference_state_dict()
         check_checkpoint_files(path)
         assert_bitwise_equal(load_state_dict(path), reference)
-        for name, data in _expected_bytes(plan, reference).items():
+        with open(os.path.join(path, fmt.INDEX_NAME)) as fh:
+            index = json.load(fh)
+        checkpoint_id = index["metadata"]["dist_saver"][fmt.CHECKPOINT_ID_KEY]
+        for name, data in _expected_bytes(plan, reference, checkpoint_id).items():
             with open(os.path.join(path, name), "rb") as f:
                 assert f.read() == data, f"{path}/{name} differs from the plan's bytes"
         assert verify(path)
@@ -94,12 +98,10 @@ def _check_saves(saves):
             assert 0 < sum(sent) < plan.total_size / 2, (path, sent)
         if layout in ("fsdp", "tp", "2d"):
             assert any(len(f.writers) > 1 for f in files), "files are written by several ranks"
-        with open(os.path.join(path, fmt.INDEX_NAME)) as fh:
-            index = json.load(fh)
         for f in files:  # the index records what was written, range by range
             recorded = index["metadata"]["dist_saver"]["files"][f.name]["ranges"]
             assert [(b, n, r) for b, n, r, _ in recorded] == [(w.begin, w.end - w.begin, w.rank) for w in f.ranges]
-            assert all(c.startswith(("xxh3_64:", "crc32:")) for *_, c in recorded)
+            assert all(c.startswith(("xxh3_64@1048576:", "crc32@1048576:")) for *_, c in recorded)
 
 
 @pytest.mark.parametrize("world, layouts", [

@@ -29,14 +29,14 @@ def _check(sched, reads, bucket):
         assert all(c.nbytes <= max(bucket, row) for c in chunks)
         # every rank's box is delivered exactly: its pieces tile it
         for r, (off, shp) in sched.boxes[key].items():
-            got = sum(p.nbytes for c in chunks for p in c.pieces if p.dst == r)
+            got = sum(p.nbytes for c in chunks for p in c.pieces if p.peer == r)
             assert got == nbytes(shp, d.dtype), f"rank {r} gets {got} bytes of its box {shp}"
     for k in range(sched.rounds):  # a reader's chunks in one round fit its bucket
         per: dict[int, int] = {}
         for c in sched.chunks:
             if c.round == k:
-                per[c.reader] = per.get(c.reader, 0) + c.nbytes
-        assert all(n <= bucket or len([c for c in sched.chunks if c.round == k and c.reader == r]) == 1
+                per[c.owner] = per.get(c.owner, 0) + c.nbytes
+        assert all(n <= bucket or len([c for c in sched.chunks if c.round == k and c.owner == r]) == 1
                    for r, n in per.items())
 
 
@@ -46,11 +46,11 @@ def test_rowwise_tp_rows_read_once_and_spread_over_the_ranks():
     bucket = 32 << 10
     sched = make_schedule(reads, lambda r: r, bucket)
     _check(sched, reads, bucket)
-    load = {r: sum(c.nbytes for c in sched.chunks if c.reader == r) for r in range(4)}
+    load = {r: sum(c.nbytes for c in sched.chunks if c.owner == r) for r in range(4)}
     assert max(load.values()) - min(load.values()) <= 2 * 64 * 2, load  # within a row of even
     # every reader sends each other rank its columns of the rows it read
     c = sched.chunks[0]
-    assert sorted(p.dst for p in c.pieces) == [0, 1, 2, 3]
+    assert sorted(p.peer for p in c.pieces) == [0, 1, 2, 3]
     assert all(p.offset[0] == c.rows[0] and p.shape[0] == c.rows[1] - c.rows[0] for p in c.pieces)
 
 
@@ -70,8 +70,8 @@ def test_2d_boxes_and_a_subgroup_mapping():
     sched = make_schedule(reads, lambda r: r - 4, 4096)
     assert set(sched.boxes[(1, "w")]) == {0, 1, 2, 3}
     for c in sched.chunks:  # a row band of one dp half is read by one of the two ranks needing it
-        need = {p.dst for p in c.pieces}
-        assert c.reader in need and len(need) == 2
+        need = {p.peer for p in c.pieces}
+        assert c.owner in need and len(need) == 2
     assert sum(c.nbytes for c in sched.chunks) == 99 * 37 * 4
 
 
@@ -80,7 +80,7 @@ def test_replicated_dims_and_empty_boxes():
     layout = Layout((2, 4), tuple(range(8)), (Replicate(), Shard(1)))
     reads = {(0, "w"): (_read("w", (16, 3), layout),)}
     sched = make_schedule(reads, lambda r: r, 1 << 20)
-    dsts = {p.dst for c in sched.chunks for p in c.pieces}
+    dsts = {p.peer for c in sched.chunks for p in c.pieces}
     empty = {r for r, (_, shp) in sched.boxes[(0, "w")].items() if 0 in shp}
     assert empty and not (dsts & empty)
     assert sum(c.nbytes for c in sched.chunks) == 16 * 3 * 2
@@ -96,5 +96,5 @@ def test_a_schedule_for_1024_ranks_is_fast():
     assert sum(c.nbytes for c in sched.chunks) == 64 * 8192 * 8192 * 2
     load = [0] * 1024
     for c in sched.chunks:
-        load[c.reader] += c.nbytes
+        load[c.owner] += c.nbytes
     assert max(load) == min(load)  # every rank reads 1/1024 of the bytes

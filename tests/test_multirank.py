@@ -66,7 +66,7 @@ def _subset_load(rank, world, path):
     lo, hi = (0, 3) if rank == 0 else (3, 6)
     wanted = [k for k in full if any(k.startswith(f"model.layers.{i}.") for i in range(lo, hi))]
     target = {k: torch.zeros_like(full[k]) for k in wanted}
-    import dist_saver.load as load_mod
+    import dist_saver.index as load_mod
 
     opened = []
     real_open = load_mod.open_weights

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from dist_saver import CheckpointError, SaveError, dist_save, load_state_dict, push_to_hub  # noqa: E402
 from dist_saver import format as fmt  # noqa: E402
 from dist_saver.cli import main as cli  # noqa: E402
+from dist_saver.index import looks_like_our_checkpoint  # noqa: E402
 
 from .dist_utils import run_ranks  # noqa: E402
 from .test_transformers import _fsdp, tiny_llama  # noqa: E402
@@ -256,7 +257,7 @@ def test_overwrite_refuses_what_the_index_does_not_vouch_for(tmp_path):
     for bad in ("tokenizer.json", ["runs"], [".."], [5]):  # a string, an unlisted dir, junk
         index["metadata"]["dist_saver"]["extra_files"] = bad
         (path / fmt.INDEX_NAME).write_text(json.dumps(index))
-        assert not fmt.looks_like_our_checkpoint(str(path)), bad
+        assert not looks_like_our_checkpoint(str(path)), bad
     assert (path / "tokenizer.json").exists()
 
 

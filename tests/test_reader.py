@@ -74,7 +74,8 @@ def test_column_boxes_of_narrow_rows_are_read_as_whole_rows(saved):
 def test_both_readers_share_one_interface(saved, tmp_path):
     """ShardFile and LegacyFile: the same methods, the same box check, info's offset named."""
     from dist_saver.legacy import LegacyFile
-    from dist_saver.reader import WeightsFile, open_weights
+    from dist_saver.index import open_weights
+    from dist_saver.reader import WeightsFile
 
     file, t = saved
     legacy = tmp_path / fmt.LEGACY_SINGLE_NAME

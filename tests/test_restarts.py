@@ -97,7 +97,7 @@ def test_a_dead_attempts_store_keys_are_never_read_by_the_next(tmp_path):
 STEPS, EVERY = 15, 3
 
 
-def _torchrun(root, out, faults: str, restarts: int) -> subprocess.CompletedProcess:
+def _torchrun(root, out, faults: str, restarts: int, manager: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1",
                # torch's own init_process_group has the race this issue is about (PyTorch issue
                # 135712; here it failed most restarted attempts): the README tells users to set this.
@@ -105,7 +105,7 @@ def _torchrun(root, out, faults: str, restarts: int) -> subprocess.CompletedProc
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--max-restarts", str(restarts), "--monitor-interval", "0.1",
            os.path.join(ROOT, "tests", "restart_job.py"), str(root), str(out), "--steps", str(STEPS),
-           "--every", str(EVERY), "--faults", faults]
+           "--every", str(EVERY), "--faults", faults] + (["--manager"] if manager else [])
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 

@@ -140,9 +140,11 @@ class Llama(nn.Module):
         return self.lm_head(self.model.norm(h))
 
 
-def build(layout: str, world: int, seed: int = 0, extra: bool = False, noise: bool = False) -> nn.Module:
-    """layout: fsdp (FSDP2 per block + root) | tp (Llama TP plan) | ddp (replicated, plain tensors)."""
-    return shard_llama(Llama(seed, extra, noise), "none" if layout == "ddp" else layout, world)
+def build(layout: str, world: int, seed: int = 0, extra: bool = False, noise: bool = False,
+          backend: str | None = None) -> nn.Module:
+    """layout: fsdp (FSDP2 per block + root) | tp (Llama TP plan) | ddp (replicated, plain tensors);
+    backend: of the meshes' groups (default: the world's group)."""
+    return shard_llama(Llama(seed, extra, noise), "none" if layout == "ddp" else layout, world, backend=backend)
 
 
 def make_optimizer(model: nn.Module, lr: float = LR, params=None):
@@ -289,13 +291,13 @@ def _reference_and_first_half(layout, root, noise):
             "lr": opt.param_groups[0]["lr"]}
 
 
-def _resume(layout, path, noise, weights_only_too=False):
+def _resume(layout, path, noise, weights_only_too=False, verify=True):
     """A new job: fresh model and optimizer (other values), other RNG seeds, load, train the rest."""
     world = dist.get_world_size()
     model = build(layout, world, seed=99, noise=noise)
     opt, sched = make_optimizer(model, lr=0.5)  # another LR: param_groups must come from the checkpoint
     seed_rng(777)  # another RNG stream: only a restored RNG state reproduces the dropout masks
-    res = dist_load(model, path, optimizer=opt)
+    res = dist_load(model, path, optimizer=opt, verify=verify)
     rng_after_load = torch.get_rng_state()
     state = res.train_state
     assert state is not None, "res.train_state is None for a checkpoint saved with train_state"
@@ -418,7 +420,9 @@ def test_fsdp2_resume_at_another_world_size(saved, world):
     its own shards of weights and optimizer state: at 4 ranks about a quarter of the tensor bytes
     each, all of them once in all."""
     first = _unwrap(saved["fsdp-plain"][0])
-    scenarios = {"fsdp": ("fsdp", first["path"], False, world == 1)}
+    # unchecked: the bytes read are then exactly each rank's share (the checksums' blocks, which a
+    # checked load reads whole, are as large as these tiny tensors' ranges)
+    scenarios = {"fsdp": ("fsdp", first["path"], False, world == 1, False)}
     outs = [o["fsdp"] for o in run_ranks(_resumes, world, scenarios, timeout=150)]
     _assert_close_resume(first, outs)
     total = 0
@@ -462,6 +466,7 @@ def _errors(rank, world, root):
             out[name]["optimizer_unchanged"] = True
         except AssertionError as e:
             out[name]["optimizer_unchanged"] = str(e) or "differ"
+        out[name]["groups_unchanged"] = optimizer_snapshot(opt)["groups"] == snap["groups"]
 
     def no_norms(model):
         return [p for n, p in model.named_parameters() if "norm" not in n]
@@ -551,15 +556,16 @@ def _assert_unchanged(r, got):
         f"rank {r}: the failed load changed the optimizer: {got['optimizer_unchanged']}"
 
 
-def test_a_damaged_optimizer_file_found_by_verify_leaves_every_rank_as_it_was(error_outcomes):
-    """dist_load(optimizer=, verify=True) of a checkpoint with one flipped byte in the last rank's
-    range of an optimizer file: no rank may come out of the failed load resumed (weights, optimizer
-    state or param_groups set) while another failed: every rank is left as it was."""
-    changed = [f"rank {r}: weights {o[DAMAGED]['weights_unchanged']!r}, optimizer {o[DAMAGED]['optimizer_unchanged']!r}"
-               for r, o in enumerate(error_outcomes)
-               if o[DAMAGED]["weights_unchanged"] is not True or o[DAMAGED]["optimizer_unchanged"] is not True]
-    assert not changed, ("the failed load changed (True = unchanged; otherwise the first difference): "
-                         + "; ".join(changed) + f"; error: {error_outcomes[0][DAMAGED]['message']}")
+def test_a_damaged_optimizer_file_resumes_no_rank(error_outcomes):
+    """dist_load(optimizer=) of a checkpoint with one flipped byte in the last rank's range of an
+    optimizer file: every rank raises naming the file, and no rank comes out resumed: the
+    optimizer's param_groups (its LR, ...) are not set on any rank. Checksums are checked as the
+    bytes are read, so the tensors being filled (weights, state tensors) are left partly
+    overwritten, as by an I/O error; CheckpointManager.restore then loads an older checkpoint."""
+    for r, o in enumerate(error_outcomes):
+        got = o[DAMAGED]
+        assert got["raised"] == "CheckpointError" and re.search(REFUSED[DAMAGED], got["message"]), (r, got)
+        assert got["groups_unchanged"] is True, f"rank {r}: the failed load set the optimizer's param_groups"
 
 
 # ---------------------------------------------------------------------------------------------------

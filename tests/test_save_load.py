@@ -48,7 +48,7 @@ def test_module_roundtrip_keeps_ties(tmp_path):
 def _stream_bytes(path, tensors, direct_io=True, buffer_bytes=4096, lead=1000, tail=777):
     """Stream tensors into bytes [lead, lead + n) of a file whose other bytes other streams write:
     the range starts and ends mid-block, as a rank's range does beside its neighbours'."""
-    from dist_saver.checksum import Hasher
+    from dist_saver.checksum import BlockHasher
 
     n = sum(t.nbytes for t in tensors)
     size = lead + n + tail
@@ -64,8 +64,8 @@ def _stream_bytes(path, tensors, direct_io=True, buffer_bytes=4096, lead=1000, t
         s.finish()
     data = open(path, "rb").read()
     assert len(data) == size and data[:lead] == b"H" * lead and data[lead + n :] == b"T" * tail
-    h = Hasher()
-    h.update(data[lead : lead + n])
+    h = BlockHasher(lead, lead + n)
+    h.update(data[lead : lead + n], lead)
     assert (rng.begin, rng.end, rng.checksum) == (lead, lead + n, h.digest())
     return data[lead : lead + n], rng.direct_io
 

@@ -1,11 +1,14 @@
-"""Layouts, who writes which bytes, and the exchange schedule, as pure functions (no processes)."""
+"""Layouts, who writes which bytes, the exchange schedule and its round engine, as pure functions
+(no processes: the engine runs on a fake comm)."""
 
 import time
 
 import pytest
+import torch
 from torch.distributed.tensor import Replicate, Shard
 
-from dist_saver.exchange import make_schedule
+from dist_saver.errors import CollectiveError
+from dist_saver.exchange import Chunk, Piece, Rounds, Schedule, make_schedule
 from dist_saver.layout import Layout, check_tiling, group_boxes, merged, rank_boxes
 from dist_saver.format import nbytes
 from dist_saver.plan import TensorInfo, make_plan
@@ -59,7 +62,7 @@ def test_row_shards_are_written_in_place_by_their_holders():
     extents = plan.files[0].extents
     assert [(e.rank, e.assembled) for e in extents] == [(0, False), (1, False), (2, False), (3, False)]
     assert [e.end - e.begin for e in extents] == [18 * 400, 18 * 400, 18 * 400, 16 * 400]
-    assert sched.chunks == {} and sched.rounds == 0  # nothing crosses the network
+    assert sched.chunks == [] and sched.rounds == 0  # nothing crosses the network
     assert plan.bytes_per_rank() == [18 * 400, 18 * 400, 18 * 400, 16 * 400]
 
 
@@ -84,15 +87,15 @@ def test_column_shards_are_assembled_in_bands_spread_over_the_holders():
     _check_tiles(plan)
     segs = [s for e in plan.files[0].extents for s in e.segments]
     assert [(s.lo, s.hi, s.rank, s.assembled) for s in segs] == [(0, 4, 0, True), (4, 8, 1, True)]
-    chunks = [c for cs in sched.chunks.values() for c in cs]
-    assert [(c.writer, c.rows) for c in chunks] == [(0, (0, 2)), (0, (2, 4)), (1, (4, 6)), (1, (6, 8))]
+    chunks = sched.chunks
+    assert [(c.owner, c.rows) for c in chunks] == [(0, (0, 2)), (0, (2, 4)), (1, (4, 6)), (1, (6, 8))]
     for c in chunks:
-        assert [(p.src, p.offset, p.shape) for p in c.pieces] == [
+        assert [(p.peer, p.offset, p.shape) for p in c.pieces] == [
             (0, (c.rows[0], 0), (2, 5)), (1, (c.rows[0], 5), (2, 5))]
     for w in (0, 1):
         for r in range(sched.rounds):
-            assert sum(c.nbytes for c in chunks if c.writer == w and c.round == r) <= 80
-    remote = sum(p.nbytes for c in chunks for p in c.pieces if p.src != c.writer)
+            assert sum(c.nbytes for c in chunks if c.owner == w and c.round == r) <= 80
+    remote = sum(p.nbytes for c in chunks for p in c.pieces if p.peer != c.owner)
     assert remote == 8 * 10 * 4 // 2  # each writer receives the other half of its band, once
     assert sched.rounds == 2
 
@@ -104,16 +107,15 @@ def test_2d_boxes_are_assembled_within_each_row_band():
     _check_tiles(plan)
     segs = [s for e in plan.files[0].extents for s in e.segments]
     assert [(s.lo, s.hi, s.rank) for s in segs] == [(0, 25, 0), (25, 50, 1), (50, 75, 2), (75, 100, 3)]
-    for cs in sched.chunks.values():
-        for c in cs:  # the pieces of a band come from its own dp row: ranks 0,1 or 2,3
-            assert {p.src for p in c.pieces} == ({0, 1} if c.rows[0] < 50 else {2, 3})
+    for c in sched.chunks:  # the pieces of a band come from its own dp row: ranks 0,1 or 2,3
+        assert {p.peer for p in c.pieces} == ({0, 1} if c.rows[0] < 50 else {2, 3})
     assert plan.bytes_per_rank() == [25 * 8 * 4] * 4
 
 
 def test_replicated_owner_needs_no_exchange():
     layout = Layout((2,), (0, 1), (Replicate(),))
     plan, sched, _ = _plan((8, 10), (layout,), 2, bucket=80)
-    assert sched.chunks == {} and sched.rounds == 0
+    assert sched.chunks == [] and sched.rounds == 0
     assert [(e.rank, e.assembled) for e in plan.files[0].extents] == [(plan.files[0].rank, False)]
 
 
@@ -123,10 +125,10 @@ def test_buckets_bound_every_writers_round():
     boxes = {i.name: group_boxes(i.name, i.shape, (layout,), lambda r: r) for i in infos}
     plan = make_plan(infos, 4, boxes=boxes)
     sched = make_schedule(plan, {i.name: i.shape for i in infos}, boxes, bucket_bytes=1000)
-    chunks = [c for cs in sched.chunks.values() for c in cs]
+    chunks = sched.chunks
     assert sum(c.nbytes for c in chunks) == sum(i.nbytes for i in infos)
     for w in range(4):
-        mine = [c for c in chunks if c.writer == w]
+        mine = [c for c in chunks if c.owner == w]
         assert mine, "every rank assembles some bands"
         for r in range(sched.rounds):
             assert sum(c.nbytes for c in mine if c.round == r) <= 1000
@@ -176,7 +178,102 @@ def test_replica_groups_that_cut_a_tensor_differently_take_pieces_from_one_tilin
     four = Layout((4,), (2, 3, 4, 5), (Shard(1),))
     plan, sched, boxes = _plan((8, 8), (two, four), 6)
     _check_tiles(plan)
-    for c in (c for cs in sched.chunks.values() for c in cs):
-        tiling = next(t for t in boxes["w"] if c.writer in t)
+    for c in sched.chunks:
+        tiling = next(t for t in boxes["w"] if c.owner in t)
         assert {p.offset[1:] for p in c.pieces} == {b[0][1:] for b in tiling.values()}
         assert sum(p.nbytes for p in c.pieces) == c.nbytes  # each byte of the chunk from one piece
+
+
+class _FakeComm:
+    """rank, world_size and all_to_all_bytes, recording every call; fills the receive buffer
+    with 1, 2, 3... and raises fail_at's error in that round."""
+
+    def __init__(self, rank, world_size, fail_at=None):
+        self.rank, self.world_size, self.fail_at = rank, world_size, fail_at
+        self.calls = []
+
+    def all_to_all_bytes(self, send, send_sizes, recv, recv_sizes):
+        self.calls.append((bytes(send.numpy()), list(send_sizes), list(recv_sizes)))
+        if len(self.calls) - 1 == self.fail_at:
+            raise CollectiveError("injected: the group broke")
+        recv.copy_(torch.arange(1, recv.numel() + 1, dtype=torch.uint8))
+
+
+def _engine_schedule():
+    """Rank 0 of 3 sends a 3-byte piece to 1 and an 8-byte one to 2 in round 0 and receives
+    pieces from 2 and 1 in round 1 (gather), then takes part in a round 2 of others."""
+    sched = Schedule(rounds=3)
+    sched.chunks = [
+        Chunk("a", 1, (0, 1), 6, (Piece(0, (0, 0), (1, 3), 3), Piece(1, (0, 3), (1, 3), 3)), 0),
+        Chunk("b", 2, (0, 1), 8, (Piece(0, (0, 0), (1, 2), 8),), 0),
+        Chunk("c", 0, (0, 1), 5, (Piece(2, (0, 0), (1, 2), 2), Piece(1, (0, 2), (1, 3), 3)), 1),
+        Chunk("d", 1, (0, 1), 2, (Piece(2, (0, 0), (1, 2), 2),), 2),
+    ]
+    local = {"a": torch.tensor([[7, 8, 9]], dtype=torch.uint8), "b": torch.tensor([[1.5, -2.0]])}
+    return sched, local
+
+
+def test_the_round_engine_packs_aligned_by_destination_and_unpacks_by_source():
+    sched, local = _engine_schedule()
+    comm = _FakeComm(0, 3)
+    got = []
+    engine = Rounds(sched, comm, True, lambda c: (local[c.key], ((0, 0), (1, c.nbytes))),
+                    lambda c, p, data: got.append((c.key, p.peer, bytes(data.numpy()))))
+    engine.run()
+    assert [sizes for _, sizes, _ in comm.calls] == [[0, 16, 16], [0, 0, 0], [0, 0, 0]]
+    send = comm.calls[0][0]
+    assert send[:3] == bytes([7, 8, 9]) and send[16:24] == local["b"].numpy().tobytes()  # 16-aligned
+    assert [r for _, _, r in comm.calls] == [[0, 0, 0], [0, 16, 16], [0, 0, 0]]
+    assert got == [("c", 1, bytes([1, 2, 3])), ("c", 2, bytes([17, 18]))]  # by source: 1's, then 2's
+    assert engine.bytes_sent == 11 and engine.done == 3
+
+
+def test_the_round_engine_enters_every_round_after_a_local_error_and_raises_it_at_the_end():
+    sched, local = _engine_schedule()
+    comm = _FakeComm(0, 3)
+    packed = []
+
+    def source(c):
+        packed.append(c.key)
+        raise RuntimeError("injected: cannot read this piece")
+
+    engine = Rounds(sched, comm, True, source, lambda c, p, data: pytest.fail("unpacked after an error"))
+    with pytest.raises(RuntimeError, match="injected: cannot read"):
+        engine.run()
+    assert len(comm.calls) == 3 and packed == ["a"]  # every collective, no work after the error
+    assert [s for _, s, _ in comm.calls] == [[0, 16, 16], [0, 0, 0], [0, 0, 0]]  # the agreed sizes
+    assert engine.bytes_sent == 0
+
+
+def test_the_round_engine_stops_at_once_when_a_collective_fails():
+    sched, local = _engine_schedule()
+    comm = _FakeComm(0, 3, fail_at=1)
+
+    def source(c):
+        raise RuntimeError("injected: local")
+
+    with pytest.raises(CollectiveError, match="the group broke"):
+        Rounds(sched, comm, True, source, lambda c, p, data: None).run()
+    assert len(comm.calls) == 2  # round 2 never entered: nobody waits in a broken group
+
+
+def test_the_scatter_direction_reads_every_owned_chunk_and_sends_the_other_pieces():
+    # load: rank 0 owns a chunk needed by 0 and 2 and one only it needs; rank 1 sends it a piece
+    sched = Schedule(rounds=1, chunks=[
+        Chunk("x", 0, (0, 2), 8, (Piece(0, (0, 0), (2, 2), 4), Piece(2, (0, 2), (2, 2), 4))),
+        Chunk("y", 0, (0, 1), 2, (Piece(0, (0, 0), (1, 2), 2),)),
+        Chunk("z", 1, (0, 1), 1, (Piece(0, (0, 0), (1, 1), 1),)),
+    ])
+    comm = _FakeComm(0, 3)
+    rows = {"x": torch.arange(8, dtype=torch.uint8).view(2, 4), "y": torch.ones(1, 2, dtype=torch.uint8)}
+    read, got = [], []
+
+    def source(c):
+        read.append(c.key)
+        return rows[c.key], ((0, 0), tuple(rows[c.key].shape))
+
+    Rounds(sched, comm, False, source, lambda c, p, data: got.append((c.key, bytes(data.numpy())))).run()
+    assert read == ["x", "y"]
+    send, send_sizes, recv_sizes = comm.calls[0]
+    assert send_sizes == [0, 0, 16] and send[:4] == bytes([2, 3, 6, 7])  # columns 2-3 of both rows
+    assert recv_sizes == [0, 16, 0] and got == [("z", bytes([1]))]
