@@ -241,6 +241,7 @@ class Comm:
         else:
             self.rank, self.world_size = 0, 1
         self._entered = self._enter() if op is not None else None
+        self.last_digest: str | None = None  # of the last gather_deduplicated
 
     @property
     def key_prefix(self) -> str:
@@ -316,20 +317,29 @@ class Comm:
         return box[0]
 
     def gather_deduplicated(self, obj: Any, error: BaseException | None, what: str,
-                            cls: type = SaveError) -> list[tuple[list[int], Any]]:
+                            cls: type = SaveError, known: str | None = None) -> list[tuple[list[int], Any]] | str:
         """Gather obj from every rank, sending each distinct value once.
 
         Returns [(ranks, value)] in rank order. Under DDP/FSDP every rank describes the same
         tensors, so one broadcast replaces a world-sized all-gather. A local error is agreed on
         first, so all ranks raise together instead of leaving the others in a collective.
+
+        known: what this rank already holds, a digest of every rank's obj from an earlier call
+        (Comm.digest_of); if every rank holds exactly the digest of this call's objs, nothing is
+        sent but the digests and that digest is returned instead (the same answer on every rank:
+        it is decided from what every rank sent).
         """
         payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if error is None else b""
         digest = hashlib.sha256(payload).hexdigest()
         with _broken_at(self, what, error):
-            digests = self.all_gather_object((digest, describe_error(error)))
+            digests = self.all_gather_object((digest, describe_error(error), known))
         raise_if_failed([d[1] for d in digests], what, cls)
+        every = digest_of([d[0] for d in digests])
+        if all(d[2] == every for d in digests):
+            return every
+        self.last_digest = every
         groups: dict[str, list[int]] = {}
-        for r, (d, _) in enumerate(digests):
+        for r, (d, _, _) in enumerate(digests):
             groups.setdefault(d, []).append(r)
         out = []
         with _broken_at(self, what, None):
@@ -379,7 +389,7 @@ class Comm:
         raise_if_failed([r[0] for r in reports], what, cls)
         return [r[1] for r in reports] if gather else reports[0][1]
 
-    def step(self, what: str, result: str | None = None, cls: type = SaveError) -> "Step":
+    def step(self, what: str, result: str | None = None, cls: type = SaveError, known: str | None = None) -> "Step":
         """A step done locally, then agreed on by every rank: a context manager.
 
             with comm.step(f"creating the files of {path}"):
@@ -399,6 +409,9 @@ class Comm:
                 (rank 0's value), "all" (every rank's value, by rank) or "distinct" ([(ranks, value)]
                 with each distinct value sent once, see gather_deduplicated).
             cls: the error class raised when a body failed.
+            known: "distinct" only: a digest of every rank's value this rank already holds (from
+                an earlier step's `digest`); if every rank holds this step's, `reused` is True,
+                `result` None and nothing but digests was sent.
 
         Returns: the Step; set its `value` in the body; read `result` after the with.
         Raises (on leaving the with): cls on every rank if any rank's body failed, with its
@@ -409,17 +422,19 @@ class Comm:
         """
         if result not in (None, "shared", "all", "distinct"):
             raise ValueError(f"result must be None, 'shared', 'all' or 'distinct', not {result!r}")
-        return Step(self, what, result, cls)
+        return Step(self, what, result, cls, known)
 
 
 class Step:
     """One step of Comm.step: `value` is this rank's contribution (set in the with's body),
     `result` what the agreement returned (see Comm.step)."""
 
-    def __init__(self, comm: Comm, what: str, result: str | None, cls: type):
-        self.comm, self.what, self.mode, self.cls = comm, what, result, cls
+    def __init__(self, comm: Comm, what: str, result: str | None, cls: type, known: str | None = None):
+        self.comm, self.what, self.mode, self.cls, self.known = comm, what, result, cls, known
         self.value: Any = None
         self.result: Any = None
+        self.reused = False  # "distinct" with known: every rank held what this step would gather
+        self.digest: str | None = None  # "distinct": the digest of every rank's value
 
     def __enter__(self) -> "Step":
         return self
@@ -429,7 +444,10 @@ class Step:
             return False  # an interrupt: stop here, as any code would (the others time out)
         value = None if error is not None else self.value
         if self.mode == "distinct":
-            self.result = self.comm.gather_deduplicated(value, error, self.what, self.cls)
+            got = self.comm.gather_deduplicated(value, error, self.what, self.cls, self.known)
+            self.reused = isinstance(got, str)
+            self.digest = got if self.reused else self.comm.last_digest
+            self.result = None if self.reused else got
         else:  # raised here, the agreed error is chained to this rank's own (its __context__)
             agreed = self.comm.agree(error, self.what, self.cls, value, gather=self.mode == "all")
             self.result = agreed if self.mode else None
@@ -463,6 +481,11 @@ def _peer_failures(rank: int):
             f"rank {rank}: a collective failed, so another rank died or stopped responding "
             f"(or the timeout passed): {str(e).splitlines()[0][:300]}"
         ) from e
+
+
+def digest_of(digests: Sequence[str]) -> str:
+    """One digest of every rank's (gather_deduplicated's `known`)."""
+    return hashlib.sha256(",".join(digests).encode()).hexdigest()
 
 
 def describe_error(error: BaseException | None) -> str | None:

@@ -220,12 +220,53 @@ class HeaderEntry(NamedTuple):  # a NamedTuple: plans build tens of thousands of
     end: int
 
 
+# What json.dumps writes for a str (ensure_ascii: the C encoder's quoting and escaping).
+_json_str = json.encoder.encode_basestring_ascii
+
+
+def _plain_json_text(text: str) -> bool:
+    """text holds none of the characters json.dumps (ensure_ascii) escapes (all but ASCII space
+    to tilde, less quote and backslash): written as it is, in quotes, it is its JSON."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
+
+
 def encode_header(entries: Iterable[HeaderEntry], metadata: Mapping[str, str] | None = None) -> bytes:
-    """The file prefix (8-byte length + JSON), padded so the data starts at DATA_ALIGN."""
-    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    """The file prefix (8-byte length + JSON), padded so the data starts at DATA_ALIGN.
+
+    The JSON is json.dumps(header, separators=(",", ":")) of {"__metadata__": ..., name: {"dtype",
+    "shape", "data_offsets"}, ...}, byte for byte, built as text (10^5 tensors: a tenth of the time)."""
+    entries = entries if isinstance(entries, (list, tuple)) else list(entries)
+    meta = {"format": "pt", **(metadata or {})}
+    names = [e.name for e in entries]
+    if "__metadata__" in names or len(set(names)) != len(names) or not all(type(n) is str for n in names):
+        return _encode_header_dict(entries, meta)  # what the dict would make of them
+    escape = not _plain_json_text("".join(names))  # else each name is written as it is
+    line = ',%s:%s%d,%d]}' if escape else ',"%s":%s%d,%d]}'
+    texts: dict = {}  # dtype -> shape -> the entry's JSON up to its offsets
+    parts = ['{"__metadata__":', json.dumps(meta, separators=(",", ":"))]
+    append = parts.append
+    for name, dtype, shape, begin, end in entries:
+        by_shape = texts.get(dtype)
+        if by_shape is None:
+            by_shape = texts[dtype] = {}
+        text = by_shape.get(shape)
+        if text is None:
+            dims = ",".join([str(int(d)) for d in shape])
+            text = by_shape[shape] = f'{{"dtype":{_json_str(dtype)},"shape":[{dims}],"data_offsets":['
+        append(line % (_json_str(name) if escape else name, text, begin, end))
+    append("}")
+    return _framed("".join(parts).encode())
+
+
+def _encode_header_dict(entries: Iterable[HeaderEntry], meta: dict) -> bytes:
+    header: dict = {"__metadata__": meta}
     for e in entries:
         header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
-    body = json.dumps(header, separators=(",", ":")).encode()
+    return _framed(json.dumps(header, separators=(",", ":")).encode())
+
+
+def _framed(body: bytes) -> bytes:
+    """8-byte length, the JSON, spaces up to DATA_ALIGN."""
     total = -(-(8 + len(body)) // DATA_ALIGN) * DATA_ALIGN
     body += b" " * (total - 8 - len(body))
     return struct.pack("<Q", len(body)) + body
@@ -294,14 +335,47 @@ def write_durable(path: str, data: str | bytes) -> None:
 
 def json_text(doc, indent: int = 0) -> str:
     """JSON indented like json.dumps(indent=2), but lists of plain values on one line each (an
-    index lists thousands of [offset, length, rank, checksum] ranges)."""
+    index lists thousands of [offset, length, rank, checksum] ranges): one entry per line.
+
+    Strings and integers are written here (as json.dumps writes them), the rest by json.dumps: a
+    weight map of 10^5 entries costs no json.dumps call per entry."""
     pad, inner = " " * indent, " " * (indent + 2)
     if isinstance(doc, dict) and doc:
-        items = (f"{inner}{json.dumps(str(k))}: {json_text(v, indent + 2)}" for k, v in doc.items())
-        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
-    if isinstance(doc, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in doc):
-        return "[\n" + ",\n".join(inner + json_text(v, indent + 2) for v in doc) + f"\n{pad}]"
+        if (all(k.__class__ is str for k in doc) and all(v.__class__ is str for v in doc.values())
+                and _plain_json_text("".join(doc)) and _plain_json_text("".join(doc.values()))):
+            # names -> names (a weight map): nothing to escape, every line written as it is
+            return "{\n" + ",\n".join([f'{inner}"{k}": "{v}"' for k, v in doc.items()]) + f"\n{pad}}}"
+        lines = []
+        append = lines.append
+        for k, v in doc.items():
+            t = v.__class__
+            if t is str:
+                text = _json_str(v)
+            elif t is int:
+                text = int.__repr__(v)
+            else:
+                text = json_text(v, indent + 2)
+            append(f"{inner}{_json_str(k if k.__class__ is str else str(k))}: {text}")
+        return "{\n" + ",\n".join(lines) + f"\n{pad}}}"
+    if isinstance(doc, (list, tuple)):
+        if any(isinstance(v, (dict, list, tuple)) for v in doc):
+            return "[\n" + ",\n".join(inner + json_text(v, indent + 2) for v in doc) + f"\n{pad}]"
+        return _json_line(doc)
     return json.dumps(doc)
+
+
+def _json_line(values) -> str:
+    """json.dumps of a list of plain values (no dicts or lists in it)."""
+    parts = []
+    for v in values:
+        t = v.__class__
+        if t is str:
+            parts.append(_json_str(v))
+        elif t is int:
+            parts.append(int.__repr__(v))
+        else:
+            return json.dumps(values)
+    return "[" + ", ".join(parts) + "]"
 
 
 def write_json_atomic(path: str, doc: dict) -> None:
@@ -333,11 +407,14 @@ def parse_index_document(index_path: str, raw: bytes, ours_expected: bool) -> tu
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index_path}: not a valid index: field weight_map is {_kind(weight_map)}, "
                               "not an object")
-    files = set()
-    for tensor, file in weight_map.items():
-        if file.__class__ is not str:
-            raise CheckpointError(f"{index_path}: field weight_map[{tensor!r}] is {_kind(file)}, not a file name")
-        files.add(file)
+    try:
+        files = set(weight_map.values())  # a few distinct names
+    except TypeError:  # an unhashable value (a list, an object): named below
+        files = None
+    if files is None or any(file.__class__ is not str for file in files):
+        for tensor, file in weight_map.items():  # the first entry that is not a name
+            if file.__class__ is not str:
+                raise CheckpointError(f"{index_path}: field weight_map[{tensor!r}] is {_kind(file)}, not a file name")
     directory = os.path.dirname(index_path) or "."
     for file in files:
         safe_member(directory, file)

@@ -8,6 +8,7 @@ rank's box from it with DTensor's own shard arithmetic.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 from itertools import product
 from typing import Mapping, Sequence
@@ -41,22 +42,53 @@ def is_nonempty(box: Box | None) -> bool:
     return box is not None and all(s > 0 for s in box[1])
 
 
+# layout_of's memo: one Layout object per (device mesh, placements), sharing one tuple of ranks per
+# mesh, so the metadata of 10^5 DTensors pickles each mesh's ranks once (pickle memoizes a shared
+# object), not once per tensor: O(tensors), not O(tensors x ranks). An entry holds a weak reference
+# to its mesh (an id may be reused once the mesh is gone); cleared when past _LAYOUT_MEMO_SIZE.
+_LAYOUTS: dict = {}  # (id(mesh), placements) -> (mesh ref, Layout, {(shape, rank): the rank's box})
+_INTERNED: dict = {}  # Layout or tuple of ranks -> the one object of that value
+_LAYOUT_MEMO_SIZE = 256
+_UNSEEN = object()
+
+
 def layout_of(name: str, t: torch.Tensor) -> Layout | None:
-    """The layout of a DTensor (None for a plain tensor); raises for placements we cannot save."""
+    """The layout of a DTensor (None for a plain tensor); raises for placements we cannot save.
+    Equal layouts are one object (see _LAYOUTS); each (shape, layout)'s tiling is checked once."""
     if not is_dtensor(t):
         return None
-    for p in t.placements:
-        if not isinstance(p, _whole_value_placements()):
-            raise ValueError(
-                f"tensor {name!r} has placements {list(t.placements)}: {p} is not supported "
-                "(only Shard and Replicate hold whole values; reduce Partial first, e.g. with "
-                ".redistribute() or .full_tensor())"
-            )
-    mesh = t.device_mesh.mesh
-    layout = Layout(tuple(mesh.shape), tuple(int(r) for r in mesh.flatten().tolist()), tuple(t.placements))
-    boxes = rank_boxes(tuple(t.shape), layout)
-    check_tiling(name, tuple(t.shape), layout, boxes)
-    own = boxes.get(torch.distributed.get_rank())
+    mesh, placements = t.device_mesh, tuple(t.placements)
+    key = (id(mesh), placements)
+    hit = _LAYOUTS.get(key)
+    if hit is None or hit[0]() is not mesh:
+        for p in placements:
+            if not isinstance(p, _whole_value_placements()):
+                raise ValueError(
+                    f"tensor {name!r} has placements {list(placements)}: {p} is not supported "
+                    "(only Shard and Replicate hold whole values; reduce Partial first, e.g. with "
+                    ".redistribute() or .full_tensor())"
+                )
+        if len(_LAYOUTS) >= _LAYOUT_MEMO_SIZE:
+            _LAYOUTS.clear()
+            _INTERNED.clear()
+        grid = mesh.mesh
+        ranks = tuple(int(r) for r in grid.flatten().tolist())
+        ranks = _INTERNED.setdefault(ranks, ranks)
+        layout = Layout(tuple(grid.shape), ranks, placements)
+        layout = _INTERNED.setdefault(layout, layout)
+        try:
+            ref = weakref.ref(mesh)
+        except TypeError:  # not weakly referenceable: held
+            ref = lambda mesh=mesh: mesh  # noqa: E731
+        hit = _LAYOUTS[key] = (ref, layout, {})
+    _, layout, own_boxes = hit
+    shape = tuple(t.shape)
+    rank = torch.distributed.get_rank()
+    own = own_boxes.get((shape, rank), _UNSEEN)
+    if own is _UNSEEN:
+        boxes = rank_boxes(shape, layout)
+        check_tiling(name, shape, layout, boxes)
+        own = own_boxes[(shape, rank)] = boxes.get(rank)
     local = t.to_local()
     if own is None or tuple(local.shape) != own[1]:
         raise ValueError(

@@ -9,6 +9,8 @@ optimizer and RNG states are applied once every rank has read everything.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import time
@@ -25,9 +27,10 @@ from .errors import CheckpointError, DistSaverWarning
 from .index import CheckpointIndex, open_shard, read_index, read_optimizer_index
 from .layout import layout_of, rank_boxes
 from .load_exchange import ColumnLoader, ColumnRead, make_schedule as make_load_schedule
-from .load_plan import Reads, Target, check, column_targets, resolve
+from .load_plan import Reads, Target, box_items, check, column_targets, mismatch, resolve
 from .progress import Progress
-from .state import alias_key, as_state_dict
+from .reader import READ_BATCH, ShardFile
+from .state import as_state_dict
 from .training import check_param_groups, optimizer_tensors, restore_rng, set_optimizer
 
 log = logging.getLogger("dist_saver")
@@ -77,27 +80,68 @@ def load_state_dict(path: str | os.PathLike, names: Iterable[str] | None = None,
         CheckpointError: a name is not in the checkpoint, or the index or a shard file is
             missing, malformed, truncated or damaged.
     """
-    index = read_index(os.fspath(path))
-    wanted = list(names) if names is not None else list(index.weight_map) + list(index.aliases)
+    with _gc_paused():  # (everything the load made but the tensors is freed before it resumes)
+        return _load_state_dict(os.fspath(path), names, verify)
+
+
+def _load_state_dict(path: str, names, verify: bool) -> dict[str, torch.Tensor]:
+    index = read_index(path)
+    weight_map, aliases = index.weight_map, index.aliases
+    wanted = list(names) if names is not None else list(weight_map) + list(aliases)
     stored_of: dict[str, str] = {}
     for name in wanted:
-        stored = name if name in index.weight_map else index.aliases.get(name)
-        if stored is None or stored not in index.weight_map:
+        stored = name if name in weight_map else aliases.get(name)
+        if stored is None or stored not in weight_map:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {index.directory}")
         stored_of[name] = stored
     loaded: dict[str, torch.Tensor] = {}
     by_file: dict[str, list[str]] = {}
     for stored in sorted(set(stored_of.values())):
-        by_file.setdefault(index.weight_map[stored], []).append(stored)
+        by_file.setdefault(weight_map[stored], []).append(stored)
     for file, stored_names in by_file.items():
         with open_shard(index, file, verify) as f:
-            requests = []
-            for stored in stored_names:
-                dtype, shape, _ = f.info(stored)
-                loaded[stored] = torch.empty(shape, dtype=dtype)
-                requests.append((stored, loaded[stored], None))
-            f.read_many(requests)
+            if not isinstance(f, ShardFile):
+                requests = []
+                for stored in stored_names:
+                    dtype, shape, _ = f.info(stored)
+                    loaded[stored] = torch.empty(shape, dtype=dtype)
+                    requests.append((stored, loaded[stored], None))
+                f.read_many(requests)
+                continue
+            entries, start = f.entries(), f.data_start
+            items: list = []
+            outs: list = []
+            for stored in stored_names:  # each whole, into new contiguous CPU tensors: one item each
+                found = entries.get(stored)
+                if found is None:
+                    f.info(stored)  # raises, naming the file and the tensor
+                dtype, shape, begin = found
+                out = loaded[stored] = torch.empty(shape, dtype=dtype)
+                n = out.nbytes
+                if n:
+                    items.append((start + begin, n, len(outs), 0, None, None, None))
+                outs.append(out)
+            f.read_items(items, outs, None, False)
     return {name: loaded[stored] for name, stored in stored_of.items()}
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cyclic garbage collector paused (if it runs) for a stretch of per-tensor work.
+
+    A load of 10^5 tensors allocates a few objects per tensor (a header entry, a plan item, the
+    tensor) and makes no garbage in cycles; every 700 allocations start a collection, and the full
+    ones walk every live object (the model's tensors too): measured here, a third of the time of a
+    load of 50,000 tensors. Paused for a whole call (its collectives included: pausing only
+    delays collections), it resumes once the call's objects are freed, collecting as usual."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def dist_load(
@@ -162,8 +206,14 @@ def dist_load(
         CollectiveError: a collective broke: another rank died, hung past timeout, or never
             called dist_load (named); raised on the ranks that saw it.
     """
+    with _gc_paused():  # (everything the load made is freed before it resumes)
+        return _dist_load(model_or_state_dict, os.fspath(path), strict, process_group, verify, progress, optimizer,
+                          restore_rng, timeout)
+
+
+def _dist_load(model_or_state_dict, path: str, strict: bool, process_group, verify: bool, progress, optimizer,
+               restore_rng, timeout: float) -> LoadResult:
     t0 = time.perf_counter()
-    path = os.fspath(path)
     comm = Comm(own_group(process_group, timeout, "dist_load"), timeout=timeout, op="dist_load")
     result = LoadResult(path)
     bar = Progress("load", comm, f"loading {os.path.basename(path)}", progress)
@@ -220,18 +270,83 @@ class _Part:
         self.files: dict = {}  # file -> open WeightsFile
         self.columns: set[str] = set()  # stored names read through the load exchange
         self.saved: dict = {}  # the optimizer part: its JSON (param_groups, ...)
+        self.planned: dict = {}  # safetensors file -> (items, targets, bytes, any on CUDA): its reads, planned
+        self.nbytes_total = 0  # the bytes of every target filled (column-read ones included)
 
     def open_and_check(self, verify: bool, result: LoadResult) -> None:
+        """Open every file, check every target against its header entry, and plan the reads of
+        the safetensors files (the items of each, built in the same pass)."""
         for file in self.reads.by_file:
             f = self.files[file] = open_shard(self.index, file, verify)
-            check(self.reads, file, lambda stored: f.info(stored))
+            if isinstance(f, ShardFile):
+                self.planned[file] = self._plan_file(f, file)
+            else:
+                check(self.reads, file, lambda stored: f.info(stored))
+                self.nbytes_total += sum(self.tensors[t.name].nbytes for stored in self.reads.by_file[file]
+                                         for t in self.reads.fills.get(stored, ()))
+
+    def _plan_file(self, f: ShardFile, file: str) -> tuple[list, list, int, bool]:
+        """(items, targets, bytes, any on CUDA) of one safetensors file: every target checked, and
+        the reads of those this rank reads itself (all but the first of a column-read tensor)."""
+        entries, data_start = f.entries(), f.data_start
+        fills, checks, columns, tensors = self.reads.fills, self.reads.checks, self.columns, self.tensors
+        chunk = min(READ_BATCH, staging_buffer().nbytes)
+        items: list = []
+        outs: list = []
+        nbytes, total, pinned = 0, 0, False  # bytes read here, bytes filled (column reads too)
+        for stored in self.reads.by_file[file]:
+            found = entries.get(stored)
+            if found is None:
+                f.info(stored)  # raises, naming the file and the tensor
+            dtype, shape, begin = found
+            ts = fills.get(stored, ())
+            for t in ts:
+                if t[1] != shape or t[2] != dtype:
+                    raise mismatch(t, file, dtype, shape, stored)
+            if checks:
+                for t in checks.get(stored, ()):
+                    if t[1] != shape or t[2] != dtype:
+                        raise mismatch(t, file, dtype, shape, stored)
+            for k, t in enumerate(ts):
+                out = tensors[t[0]]
+                n = out.nbytes
+                total += n
+                if k == 0 and columns and stored in columns:
+                    continue  # read through the load exchange
+                nbytes += n
+                i = len(outs)
+                outs.append(out)
+                direct = out.is_cpu and out.is_contiguous()
+                box = t[3]
+                if direct and (box is None or (shape and tuple(box[1][1:]) == shape[1:])):
+                    # whole rows (whole tensors, Shard(0)) into contiguous CPU memory: one span, as box_items has it
+                    if n:
+                        items.append((data_start + begin + (0 if box is None else box[0][0] * (n // box[1][0])),
+                                      n, i, 0, None, None, None))
+                    continue
+                offset, bshape = box if box is not None else ((0,) * len(shape), shape)
+                items += box_items(data_start + begin, shape, dtype.itemsize, offset, bshape, direct, i, chunk)
+                pinned = pinned or out.is_cuda
+        self.nbytes_total += total
+        return items, outs, nbytes, pinned
 
     def nbytes(self) -> int:
-        return self.reads.nbytes()
+        return self.nbytes_total
 
     def read(self, result: LoadResult, bar: Progress, staging) -> None:
         """This rank's own reads (all but the first target of each column-read tensor)."""
         for file, stored_names in self.reads.by_file.items():
+            f = self.files[file]
+            planned = self.planned.get(file)
+            if planned is not None:
+                items, outs, nbytes, pinned = planned
+                if not outs:
+                    continue
+                result.files_opened.append(file)
+                with torch.no_grad():
+                    result.bytes_read += f.read_items(items, outs, staging, pinned)
+                bar.add(nbytes)
+                continue
             requests = []
             for stored in stored_names:
                 ts = self.reads.fills.get(stored, [])
@@ -239,7 +354,6 @@ class _Part:
                     requests.append((stored, self.tensors[t.name], t.box))
             if not requests:
                 continue
-            f = self.files[file]
             result.files_opened.append(file)
             with torch.no_grad():
                 result.bytes_read += f.read_many(requests, staging)
@@ -334,27 +448,71 @@ class _Load:
         _restore_rng(self.train, self.comm, self.rng)
 
 
+# Target(...) without NamedTuple's Python-level __new__: a plan builds one per tensor
+_new_target = tuple.__new__
+
+
 def _tie_groups(targets) -> tuple[list[list[Target]], dict, dict]:
     """The targets as the plan sees them, grouped by shared memory (tied weights), with the local
-    tensor to fill and the layout of each."""
-    groups: dict = {}
+    tensor to fill and the layout of each.
+
+    Two targets are one memory when their (local) tensors start at the same address with the same
+    dtype, shape, strides and device, and placements (DTensors); empty and meta tensors are no
+    memory. Grouped by address, the full keys compared only where two targets share one."""
+    with torch.no_grad():  # (DTensor.to_local without autograd's bookkeeping)
+        return _tie_groups_of(targets)
+
+
+def _tie_groups_of(targets) -> tuple[list[list[Target]], dict, dict]:
+    groups: list[list[Target]] = []
     tensors, layouts = {}, {}
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    by_ptr: dict = {}  # data address -> [(target entry, its local tensor, its group)]
+    boxes: dict = {}  # DTensors: (global shape, id of its layout) -> (the layout, this rank's box)
+    rank = None
     for name, t in targets.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"target entry {name!r} is a {type(t).__name__}, not a tensor")
-        layout = layout_of(name, t)  # also rejects layouts that cannot be loaded
-        box = None
-        if layout is not None:  # the layout code the save uses (layout_of checked the local piece)
-            box = rank_boxes(tuple(t.shape), layout)[rank]
-            layouts[name] = layout
-            tensors[name] = t.to_local().detach()
+        cls = t.__class__
+        if cls is torch.Tensor or cls is torch.nn.Parameter:
+            layout = None
+        elif isinstance(t, torch.Tensor):
+            layout = layout_of(name, t)  # also rejects layouts that cannot be loaded
         else:
-            tensors[name] = t.detach()
-        key = alias_key(t)
-        groups.setdefault(key if key is not None else ("name", name), []).append(
-            Target(name, tuple(t.shape), t.dtype, box))
-    return list(groups.values()), tensors, layouts
+            raise TypeError(f"target entry {name!r} is a {type(t).__name__}, not a tensor")
+        if layout is None:  # a plain tensor
+            local = t
+            target = _new_target(Target, (name, tuple(t.shape), t.dtype, None))
+        else:  # a DTensor: this rank's box, by the layout code the save uses (layout_of checked the local piece)
+            shape = tuple(t.shape)
+            hit = boxes.get((shape, id(layout)))
+            if hit is None or hit[0] is not layout:
+                if rank is None:
+                    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+                hit = boxes[(shape, id(layout))] = (layout, rank_boxes(shape, layout)[rank])
+            layouts[name] = layout
+            local = t.to_local()
+            target = _new_target(Target, (name, shape, t.dtype, hit[1]))
+        local = tensors[name] = local.detach() if local.requires_grad else local
+        ptr = local.data_ptr()
+        if not ptr or not local.numel():  # empty and meta tensors share no memory
+            groups.append([target])
+            continue
+        bucket = by_ptr.get(ptr)
+        if bucket is None:
+            by_ptr[ptr] = [(t, local, group := [target])]
+            groups.append(group)
+            continue
+        key = _memory_key(t, local)
+        for other, other_local, group in bucket:
+            if _memory_key(other, other_local) == key:
+                group.append(target)
+                break
+        else:
+            bucket.append((t, local, group := [target]))
+            groups.append(group)
+    return groups, tensors, layouts
+
+
+def _memory_key(t: torch.Tensor, local: torch.Tensor) -> tuple:
+    return local.device, local.dtype, tuple(local.shape), local.stride(), tuple(getattr(t, "placements", ()))
 
 
 def _plan_part(index: CheckpointIndex, targets, strict: bool, result: LoadResult | None, comm: Comm) -> _Part:
@@ -417,7 +575,7 @@ def _restore_rng(train: dict | None, comm: Comm, wanted: bool) -> None:
     if train.get("world_size") != comm.world_size or len(rngs) != comm.world_size:
         warnings.warn(f"the RNG states were saved by {train.get('world_size')} rank(s); this load has "
                       f"{comm.world_size}: they are not restored (each rank keeps its own)", DistSaverWarning,
-                      stacklevel=3)
+                      stacklevel=4)
         return
     try:
         restore_rng(rngs[comm.rank])

@@ -181,35 +181,71 @@ def resolve(weight_map: Mapping[str, str], aliases: Mapping[str, str], tie_group
     checkpoint holds, the others checked against their own stored tensor. stored_names: every name
     the checkpoint has (stored and aliases), for `unexpected`."""
     reads = Reads()
-    missing = []
-    targets = set()
+    fills, checks, loaded = reads.fills, reads.checks, reads.loaded
+    missing: list[str] = []
+    alias_of = aliases.get
     for group in tie_groups:
+        if len(group) == 1:  # the common case, untied: a few dict lookups
+            t = group[0]
+            name = t[0]
+            if name in weight_map:
+                stored = name
+            else:
+                stored = alias_of(name)
+                if stored is None or stored not in weight_map:
+                    missing.append(name)
+                    continue
+            loaded.append(name)
+            box = t[3]
+            if box is None or all(s > 0 for s in box[1]):  # an empty shard needs no file
+                ts = fills.get(stored)
+                if ts is None:
+                    fills[stored] = [t]
+                else:
+                    ts.append(t)
+            continue
         found = []
         for t in group:
-            targets.add(t.name)
-            stored = t.name if t.name in weight_map else aliases.get(t.name)
+            stored = t.name if t.name in weight_map else alias_of(t.name)
             if stored is not None and stored in weight_map:
                 found.append((t, stored))
         if not found:
             missing.extend(t.name for t in group)
             continue
-        reads.loaded.extend(t.name for t in group)
+        loaded.extend(t.name for t in group)
         first, stored = found[0]
-        if first.box is None or all(s > 0 for s in first.box[1]):  # an empty shard needs no file
-            reads.fills.setdefault(stored, []).append(first)
+        if first.box is None or all(s > 0 for s in first.box[1]):
+            fills.setdefault(stored, []).append(first)
         for other, where in found[1:]:
             if where != stored:
-                reads.checks.setdefault(where, []).append(other)
+                checks.setdefault(where, []).append(other)
+    targets = set(loaded)  # every target is loaded or missing
+    targets.update(missing)
     reads.missing = sorted(missing)
-    reads.unexpected = sorted(n for n in stored_names if n not in targets)
+    reads.unexpected = sorted([n for n in stored_names if n not in targets])
     if strict and (reads.missing or reads.unexpected):
         m, u = reads.missing, reads.unexpected
         raise CheckpointError(
             f"checkpoint {directory} does not match the model: missing {m[:10]}{'...' if len(m) > 10 else ''}, "
             f"unexpected {u[:10]}{'...' if len(u) > 10 else ''} (pass strict=False to load the overlap)")
-    for stored in sorted(set(reads.fills) | set(reads.checks)):
-        reads.by_file.setdefault(weight_map[stored], []).append(stored)
+    names = list(fills)
+    if checks:
+        names += [n for n in checks if n not in fills]
+    by_file = reads.by_file
+    for stored in sorted(names):
+        file = weight_map[stored]
+        ts = by_file.get(file)
+        if ts is None:
+            by_file[file] = [stored]
+        else:
+            ts.append(stored)
     return reads
+
+
+def mismatch(t: Target, file: str, dtype, shape, stored: str) -> CheckpointError:
+    """The error for a target whose shape or dtype is not its stored tensor's."""
+    return CheckpointError(f"tensor {t.name!r}: the model has {t.dtype}{list(t.shape)} but file {file} has "
+                           f"{dtype}{list(shape)} (stored as {stored!r})")
 
 
 def check(reads: Reads, file: str, info: Callable[[str], tuple]) -> None:
@@ -218,9 +254,7 @@ def check(reads: Reads, file: str, info: Callable[[str], tuple]) -> None:
         dtype, shape = info(stored)[:2]
         for t in reads.fills.get(stored, []) + reads.checks.get(stored, []):
             if t.shape != shape or t.dtype != dtype:
-                raise CheckpointError(
-                    f"tensor {t.name!r}: the model has {t.dtype}{list(t.shape)} but file {file} has "
-                    f"{dtype}{list(shape)} (stored as {stored!r})")
+                raise mismatch(t, file, dtype, shape, stored)
 
 
 def column_targets(reads: Reads, layouts: Mapping[str, object], in_group: Callable[[Sequence[int]], bool]) -> set[str]:
@@ -229,8 +263,11 @@ def column_targets(reads: Reads, layouts: Mapping[str, object], in_group: Callab
     out = set()
     for stored, ts in reads.fills.items():
         t = ts[0]
+        box = t[3]
+        if box is None or tuple(box[1][1:]) == t[1][1:]:  # all of it, or whole rows: one run
+            continue
         layout = layouts.get(t.name)
-        if t.box is None or layout is None or is_one_run(t.shape, *t.box):
+        if layout is None or is_one_run(t.shape, *box):
             continue
         if in_group(layout.mesh_ranks):
             out.add(stored)

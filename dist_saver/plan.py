@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
@@ -194,24 +195,30 @@ def merge_metadata(
     Order: first appearance, groups taken in rank order. A name seen with different dtype or
     global shape raises PlanError naming the ranks on each side.
     """
+    groups = [(tuple(ranks), metas) for ranks, metas in groups]
     order: dict[str, TensorMeta] = {}
-    seen_by: dict[str, list] = {}  # name -> [rank tuples of the groups holding it]
-    for ranks, metas in groups:
-        ranks = tuple(ranks)
-        for m in metas:
-            first = order.get(m.name)
-            if first is None:
-                order[m.name] = m
-                seen_by[m.name] = [ranks]
-                continue
-            if first.dtype != m.dtype or first.shape != m.shape:
-                a = seen_by[m.name][0]
-                raise PlanError(
-                    f"tensor {m.name!r} differs across ranks: {first.dtype}{list(first.shape)} on "
-                    f"rank(s) {_ranks(a)} but {m.dtype}{list(m.shape)} on rank(s) {_ranks(ranks)}"
-                )
-            seen_by[m.name].append(ranks)
-            # A layout differing across groups is fine (the group differs for another reason).
+    seen_by: dict[str, list] | None = None  # name -> [rank tuples of the groups holding it]
+    if len(groups) == 1:  # one rank, or every rank alike (DDP, FSDP): one pass, no bookkeeping
+        order = {m.name: m for m in groups[0][1]}
+        if len(order) != len(groups[0][1]):  # a name twice in one list: compared as below
+            order = {}
+    if not order:
+        seen_by = {}
+        for ranks, metas in groups:
+            for m in metas:
+                first = order.get(m.name)
+                if first is None:
+                    order[m.name] = m
+                    seen_by[m.name] = [ranks]
+                    continue
+                if first.dtype != m.dtype or first.shape != m.shape:
+                    a = seen_by[m.name][0]
+                    raise PlanError(
+                        f"tensor {m.name!r} differs across ranks: {first.dtype}{list(first.shape)} on "
+                        f"rank(s) {_ranks(a)} but {m.dtype}{list(m.shape)} on rank(s) {_ranks(ranks)}"
+                    )
+                seen_by[m.name].append(ranks)
+                # A layout differing across groups is fine (the group differs for another reason).
 
     aliases: dict[str, str] = {}
     alias_src: dict[str, tuple] = {}
@@ -226,17 +233,39 @@ def merge_metadata(
             alias_src[alias] = tuple(ranks)
     for alias, target in aliases.items():
         if alias in order:
+            held = seen_by[alias][0] if seen_by is not None else groups[0][0]
             raise PlanError(
                 f"tensor {alias!r} is tied to {target!r} on rank(s) {_ranks(alias_src[alias])} "
-                f"but is a separate tensor on rank(s) {_ranks(seen_by[alias][0])}"
+                f"but is a separate tensor on rank(s) {_ranks(held)}"
             )
 
+    new, prod, sizes = tuple.__new__, math.prod, _itemsizes()
+    if seen_by is None:  # one group: the same holders for every whole tensor
+        holders = _holders([groups[0][0]], world_size)
+        return [new(TensorInfo, (name, m.dtype, m.shape, sizes[m.dtype] * prod(m.shape),
+                                 holders if m.layout is None else None))
+                for name, m in order.items()], aliases
     infos = []
     for name, m in order.items():
         # A sharded tensor is assembled on its owner, so any rank may own it.
         holders = None if m.layout is not None else _holders(seen_by[name], world_size)
-        infos.append(TensorInfo(name, m.dtype, m.shape, m.nbytes, holders))
+        infos.append(new(TensorInfo, (name, m.dtype, m.shape, sizes[m.dtype] * prod(m.shape), holders)))
     return infos, aliases
+
+
+class _ItemSizes(dict):
+    """safetensors code -> item size; an unknown code raises as fmt.itemsize does."""
+
+    def __missing__(self, code: str) -> int:
+        self[code] = size = fmt.itemsize(code)
+        return size
+
+
+_ITEM_SIZES = _ItemSizes()
+
+
+def _itemsizes() -> _ItemSizes:
+    return _ITEM_SIZES
 
 
 def _holders(rank_groups: list[tuple[int, ...]], world_size: int) -> tuple[int, ...] | None:
@@ -260,10 +289,15 @@ def assign_owners(tensors: Sequence[TensorInfo], world_size: int) -> list[int]:
     tensor can stick out of its share). Tensors held by a subset of ranks get the same rule
     within that subset.
     """
+    if all(t.holders is None for t in tensors):  # the common case: any rank may own any tensor
+        if world_size == 1:
+            return [0] * len(tensors)
+        by_holders = {None: range(len(tensors))}
+    else:
+        by_holders: dict[tuple[int, ...] | None, list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_holders.setdefault(t.holders, []).append(i)
     owners = [0] * len(tensors)
-    by_holders: dict[tuple[int, ...] | None, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_holders.setdefault(t.holders, []).append(i)
     for holders, idx in by_holders.items():
         ranks = range(world_size) if holders is None else holders
         n = len(ranks)
@@ -305,25 +339,41 @@ def make_plan(
     owners = assign_owners(tensors, world_size)
 
     per_rank: list[list[list[TensorInfo]]] = [[] for _ in range(world_size)]
-    sizes: list[int] = [0] * world_size  # bytes in each rank's current (last) file
-    for t, r in zip(tensors, owners):
-        files = per_rank[r]
-        if not files or (max_shard_size is not None and files[-1] and sizes[r] + t.nbytes > max_shard_size):
-            files.append([])
-            sizes[r] = 0
-        files[-1].append(t)
-        sizes[r] += t.nbytes
+    if max_shard_size is None:  # one file per rank that owns tensors
+        for t, r in zip(tensors, owners):
+            files = per_rank[r]
+            if files:
+                files[0].append(t)
+            else:
+                files.append([t])
+    else:
+        sizes: list[int] = [0] * world_size  # bytes in each rank's current (last) file
+        for t, r in zip(tensors, owners):
+            files = per_rank[r]
+            if not files or (files[-1] and sizes[r] + t.nbytes > max_shard_size):
+                files.append([])
+                sizes[r] = 0
+            files[-1].append(t)
+            sizes[r] += t.nbytes
 
     total_files = sum(len(fs) for fs in per_rank)
     out: list[FilePlan] = []
     load = [0] * world_size  # bytes each rank writes so far, to spread the choices
+    boxes = boxes or {}
+    new = tuple.__new__
     for rank, files in enumerate(per_rank):
         for members in files:
             number = len(out) + 1
             entries, offset = _layout_file(members)
-            segments = [s for e in entries for s in _segments(e, rank, (boxes or {}).get(e.name), load)]
+            if boxes and any(e.name in boxes for e in entries):
+                extents = _extents([s for e in entries for s in _segments(e, rank, boxes.get(e.name), load)])
+            else:  # every tensor held whole by its owner, which writes the file's data in one extent
+                segments = tuple([new(Segment, (e.name, 0, e.shape[0] if e.shape else 1, e.begin, e.end, rank, False))
+                                  for e in entries if e.end != e.begin])
+                load[rank] += offset
+                extents = (new(Extent, (0, offset, rank, False, segments)),) if segments else ()
             out.append(FilePlan(number, fmt.shard_file_name(number, total_files, prefix), rank, entries, offset,
-                                _extents(segments)))
+                                extents))
     return Plan(world_size, tuple(out), aliases)
 
 
@@ -397,10 +447,14 @@ def _extents(segments: list[Segment]) -> tuple[Extent, ...]:
 
 def _layout_file(members: list[TensorInfo]) -> tuple[tuple[fmt.HeaderEntry, ...], int]:
     # Largest item size first: every offset is then a multiple of its tensor's item size.
-    ordered = sorted(members, key=lambda t: -fmt.itemsize(t.dtype))
+    sizes = _itemsizes()
+    if len({t.dtype for t in members}) > 1:
+        members = sorted(members, key=lambda t: -sizes[t.dtype])
     entries = []
+    append, new, entry = entries.append, tuple.__new__, fmt.HeaderEntry
     offset = 0
-    for t in ordered:
-        entries.append(fmt.HeaderEntry(t.name, t.dtype, t.shape, offset, offset + t.nbytes))
-        offset += t.nbytes
+    for t in members:
+        end = offset + t.nbytes
+        append(new(entry, (t.name, t.dtype, t.shape, offset, end)))
+        offset = end
     return tuple(entries), offset

@@ -18,8 +18,7 @@ and the rank that wrote it. A block is checked once per open file.
 from __future__ import annotations
 
 import abc
-import bisect
-import math
+import ctypes
 import os
 import struct
 import warnings
@@ -132,15 +131,50 @@ class ShardFile(WeightsFile):
         """Every entry well-formed and fitting the file, and the entries tiling the data region
         exactly, as the safetensors library requires: a header length smaller than the header
         (which would shift every tensor) leaves trailing bytes, a hole or overlap is damage."""
-        self._entries = {}
-        spans = []
+        entries = self._entries = {}
         path = self.path
+        fast = _FAST_DTYPES
+        pos = 0  # where the data read so far ends, while the entries come in data order, gapless
+        in_order = True
         for name, entry in self.header.items():
-            if name != "__metadata__":
-                dtype, shape, begin, n = _parse_entry(path, name, entry)
-                self._entries[name] = (dtype, shape, begin)
-                spans.append((begin, begin + n, name))
-        spans.sort()
+            if name == "__metadata__":
+                continue
+            # the common case in a few checks: plain ints, small enough for any tensor (anything
+            # else, or any exception here, goes to _parse_entry_slowly, which names what is wrong)
+            try:
+                if entry.__class__ is dict:
+                    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+                    if code.__class__ is str and shape.__class__ is list and offsets.__class__ is list:
+                        dtype, n = fast[code]
+                        begin, end = offsets
+                        for s in shape:  # dims of 0 (no bytes: any offsets fit) go the slow way
+                            if s.__class__ is not int or s <= 0:
+                                break
+                            n *= s
+                        else:
+                            if (begin.__class__ is int and end.__class__ is int and begin >= 0 and end - begin == n
+                                    and n < 1 << 63):
+                                entries[name] = (dtype, tuple(shape), begin)
+                                if begin == pos:
+                                    pos = end
+                                else:
+                                    in_order = False
+                                continue
+            except (KeyError, ValueError):  # a field missing, an unknown dtype, offsets not two
+                pass
+            dtype, shape, begin, n = _parse_entry_slowly(path, name, entry)
+            entries[name] = (dtype, shape, begin)
+            if begin == pos:
+                pos = begin + n
+            else:
+                in_order = False
+        if not in_order or pos != self.size - self.data_start:
+            self._check_tiling()  # raises, naming the first tensor (in data order) that is wrong
+
+    def _check_tiling(self) -> None:
+        path = self.path
+        spans = sorted((begin, begin + fmt.nbytes(shape, dtype), name)
+                       for name, (dtype, shape, begin) in self._entries.items())
         data = self.size - self.data_start
         pos, prev = 0, None
         for begin, end, name in spans:
@@ -171,6 +205,11 @@ class ShardFile(WeightsFile):
         """Entries that are one tensor: none, since no two entries may share bytes (checked)."""
         return {}
 
+    def entries(self) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+        """{name: (dtype, shape, data offset)}, every tensor's entry as info() gives it but the
+        offset relative to data_start (for planning many reads; the caller does not change it)."""
+        return self._entries
+
     def info(self, name: str) -> TensorEntry:
         """(dtype, shape, absolute file offset) of a tensor (checked against the file on opening)."""
         found = self._entries.get(name)
@@ -194,22 +233,45 @@ class ShardFile(WeightsFile):
                   staging: StagingBuffer | None = None) -> int:
         """Fill each (name, out, box) of requests in one sweep over the file in offset order:
         adjacent spans share vectored reads, each checked block is read and hashed once."""
-        items: list[Item] = []
-        outs = [out for _, out, _ in requests]
+        items: list = []
+        outs = []
+        entries, data_start = self._entries, self.data_start
         own = staging is None
         staging = staging or staging_buffer()
         chunk = min(READ_BATCH, staging.nbytes)
+        pinned = False
         for i, (name, out, box) in enumerate(requests):
+            outs.append(out)
+            found = entries.get(name) if box is None else None
+            # a whole tensor into contiguous CPU memory: one item
+            if (found is not None and out.dtype == found[0] and out.shape == found[1] and out.is_cpu
+                    and out.is_contiguous()):
+                n = out.nbytes
+                if n:
+                    items.append((data_start + found[2], n, i, 0, None, None, None))
+                continue
             (dtype, shape, start), offset, bshape = self._box(name, out, box)
-            direct = out.device.type == "cpu" and out.is_contiguous()
+            direct = out.is_cpu and out.is_contiguous()
             items += box_items(start, shape, dtype.itemsize, offset, bshape, direct, i, chunk)
+            pinned = pinned or out.is_cuda
         try:
-            before = self.bytes_read
-            self._sweep(items, outs, staging)
-            return self.bytes_read - before
+            return self.read_items(items, outs, staging, pinned)
         finally:
             if own:  # the caller's buffer is finished by the caller, before it uses the targets
                 staging.finish()
+
+    def read_items(self, items: Sequence[tuple], outs: Sequence[torch.Tensor], staging: StagingBuffer | None = None,
+                   pinned: bool | None = None) -> int:
+        """Read planned items (load_plan.Item, or plain tuples of its fields) into outs, items
+        naming their target by its index there, in one sweep as read_many; returns the bytes read.
+
+        The caller planned the items from this file's entries (info) for targets it checked to be
+        their boxes' dtype and shape, direct items only for contiguous CPU targets: nothing is
+        checked here but the bytes. pinned: whether an out is on CUDA (None: look). As read_many,
+        staged CUDA copies may be in flight until staging.finish()."""
+        before = self.bytes_read
+        self._sweep(items, outs, staging, pinned)
+        return self.bytes_read - before
 
     def verify(self) -> int:
         """Check every recorded block of the file (verify()); returns the bytes checked."""
@@ -217,13 +279,13 @@ class ShardFile(WeightsFile):
             raise CheckpointError(f"{self.path}: opened without recorded checksums")
         if self.checks.unknown:
             raise CheckpointError(self.checks.unknown[0])
-        self._sweep([Item(0, self.size, -1, 0, None, None, None)], [], None)
+        self._sweep([(0, self.size, -1, 0, None, None, None)], [], None)
         return self.bytes_checked
 
     def _preadv(self, views: list, offset: int) -> None:
         """Fill views, in order, with the file's bytes from offset: every read of this file goes
         through here."""
-        want = sum(len(v) for v in views)
+        want = sum(map(len, views))
         try:
             got = os.preadv(self.fd, views, offset)
         except OSError as e:  # an unreadable checkpoint: its file and bytes named (read() names neither)
@@ -232,127 +294,159 @@ class ShardFile(WeightsFile):
         if got != want:  # a regular file returns short only at its end
             raise CheckpointError(f"{self.path}: file is truncated (short read of bytes [{offset}, {offset + want}))")
 
-    def _sweep(self, items: list[Item], outs: list, staging: StagingBuffer | None) -> None:
+    # Items are read by position (0 offset, 1 nbytes, 2 target, 3 at, 4 dst_box: load_plan.Item's
+    # fields), so that plans may build plain tuples: a load of 100k tensors builds 100k of them.
+
+    def _sweep(self, items: Sequence[tuple], outs: Sequence, staging: StagingBuffer | None,
+               pinned: bool | None = None) -> None:
         """Read every item's bytes into its target in file order, with the unchecked blocks they
         touch (items of target -1 are read only to be checked)."""
         items = sorted(items)
-        # Items for different targets may overlap (two targets of one tensor): later sweeps.
-        layers: list[list[Item]] = [[]]
+        layers = [items]
+        end = 0
         for it in items:
-            for layer in layers:
-                if not layer or layer[-1].offset + layer[-1].nbytes <= it.offset:
-                    layer.append(it)
-                    break
-            else:
-                layers.append([it])
+            if it[0] < end:  # items for different targets overlap (two targets of one tensor): later sweeps
+                layers = _layers(items)
+                break
+            if it[0] + it[1] > end:
+                end = it[0] + it[1]
         staging = staging or staging_buffer()
-        pinned = any(o.device.type == "cuda" for o in outs)
+        if pinned is None:
+            pinned = any(o.is_cuda for o in outs)
         for layer in layers:
             self._sweep_layer(layer, outs, staging, pinned)
 
-    def _sweep_layer(self, items: list[Item], outs: list, staging: StagingBuffer, pinned: bool) -> None:
+    def _sweep_layer(self, items: list, outs: Sequence, staging: StagingBuffer, pinned: bool) -> None:
         checks = self.checks
-        blocks = checks.unchecked(items) if checks is not None else []
-        # The file spans to read: the items, widened to the blocks they touch, merged.
-        spans: list[list] = []  # [begin, end, items]
-        bi = 0
-        for it in items:
-            a, b = it.offset, it.offset + it.nbytes
-            while bi < len(blocks) and blocks[bi].stop <= a:
+        # runs of items that touch (begin, end, index of the first), then the blocks they need
+        runs = []
+        a = b = first = -1
+        for k, it in enumerate(items):
+            o = it[0]
+            if o <= b:
+                if o + it[1] > b:
+                    b = o + it[1]
+            else:
+                if first >= 0:
+                    runs.append((a, b, first))
+                a, b, first = o, o + it[1], k
+        if first >= 0:
+            runs.append((a, b, first))
+        blocks = checks.unchecked(runs) if checks is not None else []
+        # the file spans to read: the runs, widened to the blocks they touch, merged
+        spans: list[list] = []  # [begin, end, index of the first item]
+        bi, nb = 0, len(blocks)
+        for a, b, first in runs:
+            while bi < nb and blocks[bi][1] <= a:
                 bi += 1
             j = bi
-            while j < len(blocks) and blocks[j].start < b:
-                a, b = min(a, blocks[j].start), max(b, blocks[j].stop)
+            while j < nb and blocks[j][0] < b:
+                if blocks[j][0] < a:
+                    a = blocks[j][0]
+                if blocks[j][1] > b:
+                    b = blocks[j][1]
                 j += 1
             if spans and a <= spans[-1][1]:
-                spans[-1][1] = max(spans[-1][1], b)
-                spans[-1][2].append(it)
+                if b > spans[-1][1]:
+                    spans[-1][1] = b
             else:
-                spans.append([a, b, [it]])
+                spans.append([a, b, first])
         feed = _BlockFeed(self.path, blocks)
-        for begin, end, span_items in spans:
-            self._read_span(begin, end, span_items, outs, staging, pinned, feed)
+        for i, (begin, end, first) in enumerate(spans):
+            stop = spans[i + 1][2] if i + 1 < len(spans) else len(items)
+            self._read_span(begin, end, items, first, stop, outs, staging, pinned, feed)
         feed.done()
         if checks is not None:
             checks.mark(blocks)
-            self.bytes_checked += sum(b.stop - b.start for b in blocks)
+            self.bytes_checked += sum(blk.stop - blk.start for blk in blocks)
 
-    def _read_span(self, begin: int, end: int, items: list[Item], outs: list, staging: StagingBuffer,
-                   pinned: bool, feed: "_BlockFeed") -> None:
-        """One contiguous file span, in batches of at most READ_BATCH bytes: one vectored read,
-        the checked blocks hashed, then the staged items copied into their targets."""
-        pos, k = begin, 0
+    def _read_span(self, begin: int, end: int, items: list, k: int, k_end: int, outs: Sequence,
+                   staging: StagingBuffer, pinned: bool, feed: "_BlockFeed") -> None:
+        """One contiguous file span holding items[k:k_end], in batches of at most READ_BATCH bytes:
+        one vectored read, the checked blocks hashed, then the staged items copied into their
+        targets. A batch's bytes that go to no target directly (gaps: bytes of blocks being
+        checked; staged items) go to one staging buffer, one after another."""
+        pos = begin
         limit = min(READ_BATCH, staging.nbytes)  # staged items are planned at most this large
+        u8 = ctypes.c_uint8
         while pos < end:
-            batch = _Batch(staging, pinned)
-            start = pos
-            while pos < end and batch.total < limit and len(batch.views) < MAX_IOVECS:
-                it = items[k] if k < len(items) else None
-                if it is None or it.offset > pos:  # a gap: bytes of a block being checked
-                    stop = min(end if it is None else it.offset, pos + limit - batch.total)
-                    batch.stage(stop - pos)
-                    pos = stop
-                    continue
-                left = it.offset + it.nbytes - pos
-                if it.target < 0:  # read only to be checked
-                    pos += batch.stage(min(left, limit - batch.total))
-                elif it.dst_box is None:  # straight into a contiguous CPU target
-                    n = min(left, limit - batch.total)
-                    at = it.at + pos - it.offset
-                    batch.direct(as_bytes(outs[it.target])[at : at + n])
-                    pos += n
-                else:  # staged whole, then copied out
-                    if batch.total and batch.total + it.nbytes > limit:
-                        break
-                    pos += batch.stage(it.nbytes, it)
-                if pos >= it.offset + it.nbytes:
-                    k += 1
-            self._preadv(batch.views, start)
-            self.bytes_read += batch.total
-            at = start
-            for v in batch.views:
-                feed.feed(at, v)
-                at += len(v)
-            for it, data in batch.copies:
+            views: list = []
+            copies: list = []  # (item, its bytes in the staging buffer)
+            buf = raw = None  # the staging buffer (taken at its first use in the batch), its bytes
+            used = 0  # bytes of it used
+            start, total = pos, 0
+            while pos < end and total < limit and len(views) < MAX_IOVECS:
+                if k < k_end:
+                    it = items[k]
+                    o = it[0]
+                else:
+                    it, o = None, end
+                if o > pos:  # a gap: bytes of a block being checked, staged
+                    n = min(o, pos + limit - total) - pos
+                    copy = None
+                else:
+                    stop, target = o + it[1], it[2]
+                    if target < 0:  # read only to be checked, staged
+                        n = min(stop - pos, limit - total)
+                        copy = None
+                    elif it[4] is None:  # straight into a contiguous CPU target
+                        n = min(stop - pos, limit - total)
+                        out = outs[target]
+                        at = it[3] + pos - o
+                        if at == 0 and n == out.nbytes:
+                            views.append((u8 * n).from_address(out.data_ptr()))
+                        else:
+                            views.append(as_bytes(out)[at : at + n])
+                        total += n
+                        pos += n
+                        if pos >= stop:
+                            k += 1
+                        continue
+                    else:  # staged whole, then copied out
+                        n = it[1]
+                        if total and total + n > limit:
+                            break
+                        copy = it
+                    if pos + n >= stop:
+                        k += 1
+                if raw is None:
+                    buf = staging.get(pinned=pinned, nbytes=min(limit, end - start))
+                    raw = as_bytes(buf)
+                if used + n > len(raw):
+                    raise AssertionError("a read batch outgrew the staging buffer")  # READ_BATCH is below its size
+                views.append(raw[used : used + n])
+                if copy is not None:
+                    copies.append((copy, buf[used : used + n]))
+                used += n
+                total += n
+                pos += n
+            self._preadv(views, start)
+            self.bytes_read += total
+            feed.feed(start, views)
+            for it, data in copies:
                 _deliver(it, data, outs, staging)
 
 
-class _Batch:
-    """The buffers of one vectored read: targets' own bytes, and a staging buffer's for gaps and
-    for items copied out after the read."""
-
-    def __init__(self, staging: StagingBuffer, pinned: bool):
-        self.staging, self.pinned = staging, pinned
-        self.views: list = []
-        self.copies: list = []
-        self.total = 0
-        self.buf = None
-        self.used = 0
-
-    def direct(self, view) -> None:
-        self.views.append(view)
-        self.total += len(view)
-
-    def stage(self, n: int, item: Item | None = None) -> int:
-        if self.buf is None:
-            self.buf = self.staging.get(pinned=self.pinned)
-        if self.used + n > self.buf.numel():
-            raise AssertionError("a read batch outgrew the staging buffer")  # READ_BATCH is below its size
-        data = self.buf[self.used : self.used + n]
-        self.used += n
-        self.views.append(as_bytes(data))
-        self.total += n
-        if item is not None:
-            self.copies.append((item, data))
-        return n
+def _layers(items: list) -> list[list]:
+    """Sorted items in layers of items that do not overlap, each item in the first it fits."""
+    layers: list[list] = [[]]
+    for it in items:
+        for layer in layers:
+            if not layer or layer[-1][0] + layer[-1][1] <= it[0]:
+                layer.append(it)
+                break
+        else:
+            layers.append([it])
+    return layers
 
 
-def _deliver(it: Item, data: torch.Tensor, outs: list, staging: StagingBuffer) -> None:
+def _deliver(it: tuple, data: torch.Tensor, outs: Sequence, staging: StagingBuffer) -> None:
     """Copy a staged item's bytes into its part of the target."""
-    out = outs[it.target]
-    src = data.view(out.dtype).view(it.src_shape)
-    dst = out[tuple(slice(o, o + s) for o, s in zip(*it.dst_box))] if it.dst_box[1] else out
-    index = None if it.src_box is None else tuple(slice(o, o + s) for o, s in zip(*it.src_box))
+    _, _, target, _, dst_box, src_shape, src_box = it
+    out = outs[target]
+    src = data.view(out.dtype).view(src_shape)
+    dst = out[tuple(slice(o, o + s) for o, s in zip(*dst_box))] if dst_box[1] else out
+    index = None if src_box is None else tuple(slice(o, o + s) for o, s in zip(*src_box))
     staging.upload(dst, src, index)
 
 
@@ -399,50 +493,49 @@ class _Checks:
             raise CheckpointError(f"{path}: the file has {size} bytes but its recorded ranges cover {pos}; the file "
                                   "is damaged (or truncated)")
         self.ranges = ranges
-        self.starts = [r[0] for r in ranges]
         self.done: set = set()
         if self.unknown:
             warnings.warn(f"{self.unknown[0]}: not checked (a newer dist_saver's checksums?)", DistSaverWarning,
                           stacklevel=2)
 
-    def _blocks_of(self, i: int, a: int, b: int):
-        """The blocks of range i overlapping [a, b)."""
-        begin, end, rank, rec = self.ranges[i]
-        if rec is None:
-            return
-        if rec.block is None:
-            if (i, 0) not in self.done:
-                yield _Block(begin, end, rec.digests[0], rank, (i, 0))
-            return
-        size = rec.block
-        first = (begin // size + 1) * size  # end of block 0
-        lo = max(a, begin)
-        k = 0 if lo < first else (lo - first) // size + 1
-        while True:
-            start = begin if k == 0 else first + (k - 1) * size
-            if start >= min(b, end):
-                return
-            stop = min(end, first + k * size)
-            if (i, k) not in self.done:
-                yield _Block(start, stop, rec.digests[k], rank, (i, k))
-            k += 1
-
-    def unchecked(self, items: list[Item]) -> list[_Block]:
-        """The blocks not yet checked that the (sorted) items touch, in file order, each once."""
+    def unchecked(self, spans: Sequence[tuple]) -> list[_Block]:
+        """The blocks not yet checked that the spans ((begin, end, ...): sorted, disjoint) touch,
+        in file order, each once: one walk over spans and ranges together."""
         out: list[_Block] = []
-        seen = set()
-        for it in items:
-            a, b = it.offset, it.offset + it.nbytes
+        ranges, done = self.ranges, self.done
+        nr = len(ranges)
+        i = 0
+        last_range, last_block = -1, -1  # the last block looked at: later spans start at or after it
+        for sp in spans:
+            a, b = sp[0], sp[1]
             if b <= a:
                 continue
-            i = bisect.bisect_right(self.starts, a) - 1
-            while i < len(self.ranges) and self.ranges[i][0] < b:
-                for blk in self._blocks_of(i, a, b):
-                    if blk.key not in seen:
-                        seen.add(blk.key)
-                        out.append(blk)
+            while i < nr and ranges[i][1] <= a:
                 i += 1
-        out.sort()
+            j = i
+            while j < nr and ranges[j][0] < b:
+                begin, end, rank, rec = ranges[j]
+                if rec is not None:
+                    if rec.block is None:  # one digest of the whole range
+                        k0 = k1 = 0
+                    else:
+                        size = rec.block
+                        first = (begin // size + 1) * size  # end of block 0
+                        lo, hi = max(a, begin), min(b, end) - 1
+                        k0 = 0 if lo < first else (lo - first) // size + 1
+                        k1 = 0 if hi < first else (hi - first) // size + 1
+                    if j == last_range:
+                        k0 = max(k0, last_block + 1)
+                    for k in range(k0, k1 + 1):
+                        if (j, k) not in done:
+                            if rec.block is None:
+                                out.append(_Block(begin, end, rec.digests[0], rank, (j, 0)))
+                            else:
+                                start = begin if k == 0 else first + (k - 1) * size
+                                out.append(_Block(start, min(end, first + k * size), rec.digests[k], rank, (j, k)))
+                    if k1 >= k0:
+                        last_range, last_block = j, k1
+                j += 1
         return out
 
     def mark(self, blocks: list[_Block]) -> None:
@@ -457,31 +550,50 @@ class _BlockFeed:
         self.i = 0
         self.h: Hasher | None = None
 
-    def feed(self, at: int, view) -> None:
-        end = at + len(view)
+    def feed(self, at: int, views: Sequence) -> None:
+        """The bytes of views, one after another from file offset at."""
         blocks = self.blocks
-        while self.i < len(blocks):
-            blk = blocks[self.i]
-            if blk.start >= end:
-                return
-            lo, hi = max(at, blk.start), min(end, blk.stop)
-            if hi <= lo:  # the block ends before these bytes (cannot happen: blocks are read in order)
-                self.i += 1
+        i, h = self.i, self.h
+        if i >= len(blocks):
+            return
+        blk = blocks[i]
+        for view in views:
+            end = at + len(view)
+            if h is not None and end < blk.stop:  # inside the block being hashed
+                h.update(view)
+                at = end
                 continue
-            if self.h is None:
-                if lo != blk.start:
-                    raise AssertionError(f"block [{blk.start}, {blk.stop}) of {self.path} fed from {lo}")
-                self.h = Hasher(_algorithm(blk))
-            self.h.update(view[lo - at : hi - at])
-            if hi < blk.stop:
-                return
-            actual = self.h.hexdigest()
-            self.h = None
-            self.i += 1
-            if actual != blk.digest:
-                raise CheckpointError(
-                    f"{self.path}: checksum {_algorithm(blk)}:{actual} of bytes [{blk.start}, {blk.stop}) (written "
-                    f"by rank {blk.rank}) does not match the recorded {blk.digest}; the file is damaged")
+            whole = None
+            while blk.start < end:
+                lo, hi = max(at, blk.start), min(end, blk.stop)
+                if hi > lo:
+                    if h is None:
+                        if lo != blk.start:
+                            raise AssertionError(f"block [{blk.start}, {blk.stop}) of {self.path} fed from {lo}")
+                        h = Hasher(_algorithm(blk))
+                    if lo == at and hi == end:
+                        h.update(view)
+                    else:
+                        whole = memoryview(view) if whole is None else whole
+                        h.update(whole[lo - at : hi - at])
+                    if hi < blk.stop:
+                        break
+                    actual = h.hexdigest()
+                    h = None
+                    if actual != blk.digest:
+                        self.i, self.h = i + 1, None
+                        raise CheckpointError(
+                            f"{self.path}: checksum {_algorithm(blk)}:{actual} of bytes [{blk.start}, {blk.stop}) "
+                            f"(written by rank {blk.rank}) does not match the recorded {blk.digest}; the file is "
+                            "damaged")
+                # the block is done (or ended before these bytes, which cannot happen: blocks are read in order)
+                i += 1
+                if i == len(blocks):
+                    self.i, self.h = i, None
+                    return
+                blk = blocks[i]
+            at = end
+        self.i, self.h = i, h
 
     def done(self) -> None:
         if self.i != len(self.blocks):
@@ -493,23 +605,13 @@ def _algorithm(blk: _Block) -> str:
     return "crc32" if len(blk.digest) == 8 else "xxh3_64"
 
 
-def _parse_entry(path: str, name: str, entry) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+# safetensors code -> (dtype, item size), for the per-entry checks of a header
+_FAST_DTYPES = {code: (dtype, dtype.itemsize) for code, dtype in fmt._CODE_TO_DTYPE.items()}
+
+
+def _parse_entry_slowly(path: str, name: str, entry) -> tuple[torch.dtype, tuple[int, ...], int, int]:
     """(dtype, shape, data offset, bytes) of one header entry; anything malformed, or a tensor whose
     bytes do not fit its data_offsets (or no tensor torch can allocate), is a CheckpointError."""
-    if entry.__class__ is dict:
-        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        dtype = fmt._CODE_TO_DTYPE.get(code) if code.__class__ is str else None
-        # the common case in a few checks: plain ints, small enough for any tensor
-        if (dtype is not None and shape.__class__ is list and offsets.__class__ is list and len(offsets) == 2
-                and all(s.__class__ is int and 0 <= s < 1 << 31 for s in shape) and len(shape) <= 8
-                and all(x.__class__ is int and x >= 0 for x in offsets)):
-            n = dtype.itemsize * math.prod(shape)
-            if offsets[1] - offsets[0] == n:
-                return dtype, tuple(shape), offsets[0], n
-    return _parse_entry_slowly(path, name, entry)
-
-
-def _parse_entry_slowly(path: str, name: str, entry):
     where = f"{path}: header entry {name!r}"
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where} is a {type(entry).__name__}, not an object")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
 import uuid
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +46,8 @@ class SaveResult:
         upload: on rank 0 with push_to_hub, the hub.Upload; else None.
         bytes_sent, bytes_written: by rank, the bytes it sent through the exchange and wrote.
         warning: set (and logged) when the checkpoint was published but a rank failed afterwards.
+        plan_reused: the ranks described the same tensors, layouts and options as at their
+            previous save on this group, so only digests were gathered and that plan was reused.
     """
 
     path: str
@@ -59,6 +63,7 @@ class SaveResult:
     bytes_written: list[int] = field(default_factory=list)  # by rank: file bytes it wrote
     # Set when the checkpoint was published but a rank failed afterwards (also logged as a warning)
     warning: str | None = None
+    plan_reused: bool = False  # every rank described what it did at the previous save: its plan was reused
 
     @property
     def my_files(self) -> list[WrittenFile]:
@@ -177,16 +182,31 @@ def dist_save(
     path = os.fspath(path)
     comm = Comm(own_group(process_group, timeout, "dist_save"), timeout=timeout, op="dist_save")
 
-    # 1. Describe the local tensors and share the descriptions.
-    with comm.step("describing what to save (state dict, config, tokenizer)", result="distinct") as described:
+    # 1. Describe the local tensors and share the descriptions; if every rank describes what it
+    # did last time on this group, only digests travel and the last plan is reused.
+    shard_bytes, bucket_bytes = fmt.parse_size(max_shard_size), fmt.parse_size(bucket_size)  # ValueError first
+    cache = _plans.get(comm.identity) if comm.identity is not None else _plans_alone.get("plan")
+    with comm.step("describing what to save (state dict, config, tokenizer)", result="distinct",
+                   known=cache.digest if cache is not None else None) as described:
         local, extra, training = _describe(model_or_state_dict, tokenizer, processor, optimizer, train_state,
                                            comm.rank, dtype)
-        described.value = (local.metas, local.aliases)
-    opts = _Options(fmt.parse_size(max_shard_size), fmt.parse_size(bucket_size), overwrite, checksums, direct_io,
+        # everything the plan depends on besides the tensors: the same file split, bucket, parts
+        described.value = (local.metas, local.aliases, shard_bytes, bucket_bytes, training is not None)
+    opts = _Options(shard_bytes, bucket_bytes, overwrite, checksums, direct_io,
                     tuple(extra.items()), push_to_hub, False if async_save and progress is None else progress,
                     training)
     # 2. The same plan on every rank (pure: a mismatch raises the same PlanError everywhere).
-    prep = _prepare(local, described.result, comm, opts)
+    if described.reused:
+        prep = dataclasses.replace(cache, local=local)
+    else:
+        prep = _prepare(local, [(ranks, value[:2]) for ranks, value in described.result], comm, opts)
+        prep.digest = described.digest
+        kept = dataclasses.replace(prep, local=None)  # not the tensors: they may be freed
+        if comm.identity is not None:
+            _plans[comm.identity] = kept
+        else:
+            _plans_alone["plan"] = kept
+    prep.reused = described.reused
     if not async_save:
         return _write_and_commit(prep, path, comm, opts, t0)
     # Planned first, so the snapshot holds only what this rank writes or sends: under DDP that is
@@ -274,11 +294,19 @@ class _Prepared:
     plan: Plan
     sched: object  # exchange.Schedule
     boxes: dict  # sharded tensor -> group rank -> the box it holds
+    digest: str | None = None  # of every rank's description it was planned from
+    reused: bool = False  # this save reused the previous save's plan
 
     def tensors_read_by(self, rank: int) -> set[str]:
         """The local tensors this rank writes from or sends pieces of."""
         names = {s.name for _, e in self.plan.extents_of(rank) if not e.assembled for s in e.segments}
         return names | {name for name, src in self.sched.senders() if src == rank}
+
+
+# The last save's plan, by our group (weakly: a destroyed group's goes with it), for the next save
+# of the same structure (Comm.step's known: the ranks agree on reusing it).
+_plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_plans_alone: dict = {}  # without a process group
 
 
 def _prepare(local, groups: list, comm: Comm, opts: _Options) -> _Prepared:
@@ -340,7 +368,7 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, save_id: str, c
     staged = _dir_id(staging)  # after a failed publish, tells every rank whether path is this save's
     progress = Progress("save", comm, f"saving {os.path.basename(path)}", opts.progress, started=t0)
     progress.set_total(sum(e.end - e.begin for _, e in plan.extents_of(comm.rank)))  # data bytes
-    cuda = any(t.device.type == "cuda" for t in local.tensors.values())
+    cuda = any(t.is_cuda for t in local.tensors.values())
     streamer = Streamer(cuda=cuda, checksums=opts.checksums, direct_io=opts.direct_io,
                         on_written=progress.add, rank=comm.rank)
     try:
@@ -382,7 +410,7 @@ def _write_staged(prep: _Prepared, target: Target, staging: str, save_id: str, c
     result = SaveResult(
         path, comm.rank, comm.world_size, written_files(plan, all_ranges), plan.total_size,
         time.perf_counter() - t0, os.path.join(path, fmt.INDEX_NAME), plan, bytes_sent=[r[1] for r in reports],
-        bytes_written=written, warning=warning,
+        bytes_written=written, warning=warning, plan_reused=prep.reused,
     )
     if comm.rank == 0:
         slowest = max(range(len(reports)), key=lambda r: reports[r][2])

@@ -49,10 +49,21 @@ def write_share(plan: Plan, sched: Schedule, comm, streamer: Streamer, staging: 
                                  shapes, dtypes, ready)
         helper.start()
 
-    stored = {name: fmt.torch_dtype(code) for name, code in dtypes.items()}
+    as_dtype = _Dtypes()
 
-    def put_own(stream: RangeStream, seg: Segment) -> None:  # rows this rank holds whole (cast if saved so)
-        stream.put(_rows(local[seg.name], my_boxes.get(seg.name), seg), dtype=stored[seg.name])
+    def own_pieces(segments: tuple[Segment, ...]):  # (rows this rank holds whole, the dtype saved in)
+        for seg in segments:
+            name = seg.name
+            t = local[name]
+            if seg.lo == 0 and name not in my_boxes:  # all of a tensor held whole: no view needed
+                shape = shapes[name]
+                if seg.hi == (shape[0] if shape else 1):
+                    yield t, as_dtype[dtypes[name]]
+                    continue
+            yield _rows(t, my_boxes.get(name), seg), as_dtype[dtypes[name]]
+
+    def put_own(stream: RangeStream, segments: tuple[Segment, ...]) -> None:  # (cast if saved so)
+        stream.put_many(own_pieces(segments))
 
     ranges: list[WrittenRange] = []
     error: BaseException | None = None
@@ -72,14 +83,22 @@ def write_share(plan: Plan, sched: Schedule, comm, streamer: Streamer, staging: 
 
 
 def _write_extent(streamer: Streamer, staging: str, f: FilePlan, extent: Extent,
-                 put: Callable[[RangeStream, Segment], None]) -> WrittenRange:
-    """Stream one extent of file f into place: put(stream, seg) appends each segment's bytes."""
+                 put: Callable[[RangeStream, tuple[Segment, ...]], None]) -> WrittenRange:
+    """Stream one extent of file f into place: put(stream, segments) appends the bytes of the
+    extent's segments, in order."""
     stream = streamer.open_range(os.path.join(staging, f.name), f.data_start + extent.begin,
                                  f.data_start + extent.end)
     with stream.returning_buffers():  # a failing segment gives its buffer back to the pool
-        for seg in extent.segments:
-            put(stream, seg)
+        put(stream, extent.segments)
     return stream.close()
+
+
+class _Dtypes(dict):
+    """safetensors code -> torch dtype, filled as met."""
+
+    def __missing__(self, code: str) -> torch.dtype:
+        self[code] = dtype = fmt.torch_dtype(code)
+        return dtype
 
 
 def _rows(local: torch.Tensor, box: Box | None, seg: Segment) -> torch.Tensor:
@@ -116,9 +135,10 @@ class _ExchangeThread(threading.Thread):
             except BaseException as e:
                 self.error = self.error or e
 
-    def _put_assembled(self, stream: RangeStream, seg: Segment) -> None:
-        shape = self.shapes[seg.name]
-        dtype = fmt.torch_dtype(self.dtypes[seg.name])
-        for chunk in self.exchanger.chunks_of(seg):
-            fill = self.exchanger.filler(chunk)  # runs the rounds up to the chunk's
-            stream.put_rows(chunk.rows[1] - chunk.rows[0], shape[1:], dtype, fill)
+    def _put_assembled(self, stream: RangeStream, segments: tuple[Segment, ...]) -> None:
+        for seg in segments:
+            shape = self.shapes[seg.name]
+            dtype = fmt.torch_dtype(self.dtypes[seg.name])
+            for chunk in self.exchanger.chunks_of(seg):
+                fill = self.exchanger.filler(chunk)  # runs the rounds up to the chunk's
+                stream.put_rows(chunk.rows[1] - chunk.rows[0], shape[1:], dtype, fill)

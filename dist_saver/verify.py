@@ -43,16 +43,18 @@ def verify(path: str | os.PathLike, files: Iterable[str] | None = None) -> dict[
         indexes.append(optimizer)
     out = {}
     for idx in indexes:
-        mine = set(idx.weight_map.values())
-        for name in sorted(mine if files is None else mine & set(files)):
-            out[name] = _check_file(idx, name)
+        mapped: dict[str, set] = {}  # file -> the tensors the index maps to it
+        for tensor, file in idx.weight_map.items():
+            mapped.setdefault(file, set()).add(tensor)
+        for name in sorted(mapped if files is None else set(mapped) & set(files)):
+            out[name] = _check_file(idx, name, mapped[name])
     unknown = sorted(set(files or ()) - set(out))
     if unknown:
         raise CheckpointError(f"{index.directory}: no file {unknown[0]!r} in the checkpoint's indexes")
     return out
 
 
-def _check_file(index: CheckpointIndex, name: str) -> str:
+def _check_file(index: CheckpointIndex, name: str, mapped: set) -> str:
     ranges = index.recorded(name) or []
     full = os.path.join(index.directory, name)
     for b, n, _, c in ranges:
@@ -64,7 +66,6 @@ def _check_file(index: CheckpointIndex, name: str) -> str:
         held = set(f.names())
     # Our files hold exactly the tensors the index maps to them: an index that lost or gained
     # an entry (one from before the index digest) disagrees with the checksummed headers.
-    mapped = {t for t, file in index.weight_map.items() if file == name}
     if held != mapped:
         raise CheckpointError(f"{full}: holds tensors {sorted(held - mapped)[:5]} that the index's weight_map does "
                               f"not map to it, and lacks {sorted(mapped - held)[:5]} that it does")

@@ -272,9 +272,9 @@ def test_auto_progress_bar_draws_for_a_long_save_in_gb(tmp_path, monkeypatch):
     assert terminal.getvalue() == ""  # short saves draw nothing
     real = save_mod.collect
 
-    def slow_collect(obj):  # the time goes before the writes: planning, a big state dict
+    def slow_collect(*args):  # the time goes before the writes: planning, a big state dict
         time.sleep(0.8)
-        return real(obj)
+        return real(*args)
 
     monkeypatch.setattr(save_mod, "collect", slow_collect)
     dist_save(sd, tmp_path / "slow")

@@ -170,3 +170,24 @@ def test_assign_owners_never_gives_a_rank_more_than_ideal_plus_largest():
         total = sum(loads)
         assert max(loads) <= total / world + max(i.nbytes for i in infos)
         assert owners == sorted(owners)
+
+
+def test_fast_paths_plan_as_the_general_ones():
+    """One group (every rank alike) and files of whole tensors take shortcuts; same answers."""
+    from dist_saver.plan import _extents, _segments
+
+    metas = [TensorMeta(i.name, i.dtype, i.shape) for i in synthetic_infos(3000, seed=4)]
+    one, _ = merge_metadata([(range(4), metas)], 4)
+    split, _ = merge_metadata([([0, 1], metas), ([2, 3], metas)], 4)
+    assert one == split and all(i.holders is None for i in one)
+    part, _ = merge_metadata([([1, 3], metas)], 4)
+    assert all(i.holders == (1, 3) for i in part) and [i[:4] for i in part] == [i[:4] for i in one]
+    with pytest.raises(PlanError, match=r"'w' differs across ranks: F32\[4\] on rank\(s\) 0"):
+        merge_metadata([([0], [TensorMeta("w", "F32", (4,)), TensorMeta("w", "F32", (5,))])], 1)
+    for world, limit in ((1, None), (4, None), (4, 10**5)):
+        plan = make_plan(one, world, limit)
+        check_plan_invariants(plan, one)
+        load = [0] * world
+        for f in plan.files:
+            assert f.extents == _extents([s for e in f.tensors for s in _segments(e, f.rank, None, load)])
+        assert load == plan.bytes_per_rank()
