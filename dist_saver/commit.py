@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -190,35 +191,92 @@ class Target:
 
     def _take_lock(self) -> None:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-        for _ in range(2):
+        for _ in range(3):
+            self._drop_dead_claims(me["host"])
             try:
-                fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                self._create_lock(me)
+                return
             except FileExistsError:
                 owner = self._lock_owner()
                 if owner and owner.get("host") == me["host"] and not _pid_alive(owner.get("pid")):
                     os.remove(self.lock)  # its owner died on this host: stale
+                    continue
+                if owner is None and self._lock_age() > _UNREADABLE_LOCK_STALE_S:
+                    os.remove(self.lock)  # an empty lock of a creator that died before writing it
                     continue
                 raise SaveError(
                     f"another save into {self.path} is in progress (lock {self.lock} held by host "
                     f"{owner.get('host') if owner else '?'} pid {owner.get('pid') if owner else '?'}); "
                     "if that job is gone, remove the lock file"
                 ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            return
+            except FileNotFoundError:  # our claim was swept as stale between write and link: again
+                continue
         raise SaveError(f"could not take the lock {self.lock}")
 
-    def _lock_owner(self) -> dict | None:
+    def _create_lock(self, me: dict) -> None:
+        """The lock appears with its owner's record in it: written to a claim file first, then
+        hard-linked to the lock name (atomic, fails if the lock exists). Where the filesystem has
+        no hard links, an exclusive create followed by the write."""
+        claim = os.path.join(self.parent, fmt.lock_claim_name(os.path.basename(self.path), uuid.uuid4().hex))
+        with open(claim, "w") as f:
+            json.dump(me, f)
         try:
-            with open(self.lock) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+            os.link(claim, self.lock)
+        except (FileExistsError, FileNotFoundError):
+            raise
+        except OSError:  # no hard links here (some network and FUSE filesystems)
+            fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(claim)
+
+    def _drop_dead_claims(self, host: str) -> None:
+        """Claims a killed process left (the lock itself is a separate link, so removing a claim
+        never releases a lock; a live claimant whose claim goes retries)."""
+        name = os.path.basename(self.path)
+        try:
+            entries = os.listdir(self.parent)
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            found = fmt.sibling_of(entry)
+            if found is None or found[0] != name or not found[1].startswith("claim-"):
+                continue
+            path = os.path.join(self.parent, entry)
+            owner = _read_json(path)
+            if owner is None or (owner.get("host") == host and not _pid_alive(owner.get("pid"))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+
+    def _lock_age(self) -> float:
+        try:
+            return time.time() - os.stat(self.lock).st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def _lock_owner(self) -> dict | None:
+        return _read_json(self.lock)
 
     def release(self) -> None:
         owner = self._lock_owner()
         if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
             os.remove(self.lock)
+
+
+# An unreadable lock older than this was left by a creator that died between creating and writing
+# it (only possible where the filesystem has no hard links): writing it takes microseconds.
+_UNREADABLE_LOCK_STALE_S = 60.0
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _pid_alive(pid) -> bool:

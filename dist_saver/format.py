@@ -141,17 +141,24 @@ def lock_file_name(name: str) -> str:
     return f".{name}.dist_saver.lock"
 
 
+def lock_claim_name(name: str, token: str) -> str:
+    """A file holding a would-be lock owner's record, hard-linked to the lock name to take it: the
+    lock then never exists without its owner's record (a kill between create and write left an
+    empty lock that no one could tell from a live one)."""
+    return f".{name}.dist_saver-claim-{token}"
+
+
 def deleting_dir_name(name: str) -> str:
     """The sibling a checkpoint is renamed to before it is deleted (rotation): a crash in the
     middle of the deletion leaves a hidden directory, never a half-deleted checkpoint."""
     return f".{name}.dist_saver-deleting"
 
 
-_SIBLING_RE = re.compile(r"^\.(.+)\.dist_saver(-staging|-previous|-deleting|\.lock)$")
+_SIBLING_RE = re.compile(r"^\.(.+)\.dist_saver(-staging|-previous|-deleting|\.lock|-claim-[0-9a-f]+)$")
 
 
 def sibling_of(name: str) -> tuple[str, str] | None:
-    """(the checkpoint directory's name, "staging" | "previous" | "deleting" | "lock") of one of our
+    """(the checkpoint directory's name, "staging" | "previous" | "deleting" | "lock" | "claim-<token>") of one of our
     hidden siblings, or None."""
     m = _SIBLING_RE.match(name)
     return (m.group(1), m.group(2).lstrip("-.")) if m else None

@@ -160,11 +160,11 @@ while True:
 
 def test_kill_9_at_random_instants_of_async_saves_and_rotations_never_loses_the_newest_complete(tmp_path):
     run = tmp_path / "run"
-    rng = random.Random(19)
+    rng = random.Random(int(os.environ.get("DIST_SAVER_KILL_SEED", 19)))
     code = _CHILD.format(root=ROOT, run=str(run))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     resumed = []
-    for kill in range(8):
+    for kill in range(int(os.environ.get("DIST_SAVER_KILLS", 8))):  # more for a stress run
         before = CheckpointManager(run, save_every=1).latest_step()
         child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
         line = child.stdout.readline()  # "resumed N": it restored the newest complete checkpoint
@@ -172,6 +172,7 @@ def test_kill_9_at_random_instants_of_async_saves_and_rotations_never_loses_the_
         resumed.append(int(line.split()[1]))
         assert resumed[-1] == (before or 0), (kill, resumed, before)
         time.sleep(rng.uniform(0.05, 1.5))  # somewhere in a save, a publish or a rotation
+        assert child.poll() is None, (kill, "the job died of an error of its own, not of the kill")
         child.send_signal(signal.SIGKILL)
         child.wait()
         ckpt = CheckpointManager(run, save_every=1)

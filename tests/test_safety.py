@@ -67,6 +67,45 @@ def test_a_live_lock_refuses_a_concurrent_save_and_a_dead_one_is_taken_over(tmp_
     assert_bitwise_equal(load_state_dict(path), new_state())
 
 
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("window", ["claim empty", "claim written", "linked, claim kept", "empty lock, old"])
+def test_a_kill_while_taking_the_lock_never_blocks_the_next_save(tmp_path, window):
+    """A process killed at any instant of taking the lock leaves nothing that refuses the next
+    save (the kill -9 test of the manager once left an empty lock, 'held by pid ?', forever)."""
+    path = tmp_path / "ck"
+    dist_save(old_state(), path)
+    t = Target(str(path))
+    claim = tmp_path / fmt.lock_claim_name("ck", "0123abcd")
+    record = json.dumps({"host": os.uname().nodename, "pid": _dead_pid(), "since": time.time()})
+    if window == "claim empty":  # killed between creating the claim and writing it
+        claim.write_text("")
+    elif window == "claim written":  # killed before the link
+        claim.write_text(record)
+    elif window == "linked, claim kept":  # killed after the link, before removing the claim
+        claim.write_text(record)
+        os.link(claim, t.lock)
+    else:  # where the filesystem has no hard links: exclusive create, killed before the write
+        open(t.lock, "w").close()
+        os.utime(t.lock, (time.time() - 120, time.time() - 120))
+    dist_save(new_state(), path, overwrite=True)
+    assert_bitwise_equal(load_state_dict(path), new_state())
+    assert leftovers(path) == []
+
+
+def test_a_fresh_unreadable_lock_is_still_respected(tmp_path):
+    path = tmp_path / "ck"
+    dist_save(old_state(), path)
+    open(Target(str(path)).lock, "w").close()  # a creator between its create and its write, maybe
+    with pytest.raises(SaveError, match="in progress"):
+        dist_save(new_state(), path, overwrite=True)
+    assert_bitwise_equal(load_state_dict(path), old_state())
+
+
 def _failing_rank(rank, world, path, how):
     import dist_saver.save as save_mod
 
