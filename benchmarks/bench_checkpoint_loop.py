@@ -12,8 +12,11 @@ Three parts, each interleaved A/B round by round, medians (times are the slowest
    copying the tensors this rank writes into reused host buffers), and dcp.async_save.
 3. A training-like loop (FSDP2, AdamW, a few matmuls of work per step) run --steps steps with no
    checkpoints, with CheckpointManager(save_every=--every, async_save=True), and with
-   dcp.async_save every --every steps: the mean step time of all steps, and of the steps that
+   dcp.async_save of the same model and optimizer state every --every steps (on a gloo group of its own: on the default group its
+   background collectives interleave with the loop's and deadlock, as its users report): the mean step time of all steps, and of the steps that
    ran while a save was pending, against the loop without checkpoints.
+Every saver writes over its own directories (DCP's FileSystemWriter overwrites; the loop keeps two
+of each, as the manager's keep=2): the checkpoints live in --dir, which is memory on tmpfs.
 """
 
 from __future__ import annotations
@@ -61,14 +64,23 @@ def part_fixed_cost(root: str, rounds: int) -> dict:
     sd = small_model()
     rows = {
         "dist_save": lambda k: dist_save(sd, os.path.join(root, "ours"), overwrite=True),
-        "dcp.save": lambda k: dcp.save(sd, storage_writer=dcp.FileSystemWriter(os.path.join(root, f"dcp{k}"))),
+        "dcp.save": lambda k: dcp.save(sd, storage_writer=dcp.FileSystemWriter(os.path.join(root, "dcp"))),
         "dist_save async (blocking)": lambda k: _async_ours(sd, os.path.join(root, "ours-async")),
-        "dcp.async_save (blocking)": lambda k: _async_dcp(sd, os.path.join(root, f"dcp-async{k}")),
+        "dcp.async_save (blocking)": lambda k: _async_dcp(sd, os.path.join(root, "dcp-async")),
     }
     return interleave(rows, rounds)
 
 
 _pending = {}
+_groups = []
+
+
+def dcp_group():
+    """dcp.async_save's own gloo group: on the default group its background collectives interleave
+    with the foreground's (this benchmark's dcp.save and timing gathers) and deadlock."""
+    if not _groups:
+        _groups.append(dist.new_group(backend="gloo"))
+    return _groups[0]
 
 
 def _async_ours(sd, path):
@@ -82,7 +94,15 @@ def _async_dcp(sd, path):
 
     if "dcp" in _pending:
         _pending.pop("dcp").result()
-    _pending["dcp"] = dcp.async_save(sd, storage_writer=dcp.FileSystemWriter(path))
+    _pending["dcp"] = dcp.async_save(sd, storage_writer=dcp.FileSystemWriter(path), process_group=dcp_group())
+
+
+def settle() -> None:
+    """Finish the pending async saves (untimed), so no background writer competes for the cores
+    with the next row."""
+    for key in list(_pending):
+        p = _pending.pop(key)
+        p.wait() if hasattr(p, "wait") else p.result()
 
 
 def interleave(rows: dict, rounds: int) -> dict:
@@ -90,10 +110,9 @@ def interleave(rows: dict, rounds: int) -> dict:
     order = list(rows.items())
     for k in range(rounds):
         for name, fn in order[k % len(order):] + order[:k % len(order)]:
+            settle()
             times[name].append(timed(lambda: fn(k)))
-    for key in list(_pending):
-        p = _pending.pop(key)
-        p.wait() if hasattr(p, "wait") else p.result()
+    settle()
     dist.barrier()
     return {name: statistics.median(v[1:] if len(v) > 2 else v) for name, v in times.items()}  # first: warm-up
 
@@ -124,7 +143,7 @@ def part_async_blocking(root: str, size_gb: float, world: int, rounds: int) -> d
     rows = {
         "host copy of this rank's share": host_copy,
         "dist_save async (blocking)": lambda k: _async_ours(model, os.path.join(root, "big")),
-        "dcp.async_save (blocking)": lambda k: _async_dcp(model.state_dict(), os.path.join(root, f"big-dcp{k}")),
+        "dcp.async_save (blocking)": lambda k: _async_dcp(model.state_dict(), os.path.join(root, "big-dcp")),
     }
     return interleave(rows, rounds)
 
@@ -137,11 +156,13 @@ def part_training_loop(root: str, size_gb: float, world: int, steps: int, every:
     opt = torch.optim.AdamW(params, lr=1e-4)
     x = torch.randn(512, 512)
 
+    grads = [torch.full_like(p, 1e-3) for p in params]  # made once: fresh memory is slow on this VM
+
     def step():
         for _ in range(8):  # compute of the training step (no FSDP forward: the time is in the loop's hands)
             torch.mm(x, x)
-        for p in params:
-            p.grad = torch.full_like(p, 1e-3)
+        for p, g in zip(params, grads):
+            p.grad = g
         opt.step()
 
     def loop(mode: str) -> tuple[list[float], list[bool]]:
@@ -159,8 +180,11 @@ def part_training_loop(root: str, size_gb: float, world: int, steps: int, every:
             elif mode == "dcp" and s % every == 0:
                 if handle is not None:
                     handle.result()
-                handle = dcp.async_save({"model": model.state_dict()},
-                                        storage_writer=dcp.FileSystemWriter(os.path.join(root, f"dcp-{s}")))
+                from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+                state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+                handle = dcp.async_save(state, process_group=dcp_group(),
+                                        storage_writer=dcp.FileSystemWriter(os.path.join(root, f"dcp-{s // every % 2}")))
             elif mode == "dcp":
                 pend = handle is not None and not handle.done()
             times.append(slowest(time.perf_counter() - t0))
@@ -187,35 +211,40 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--every", type=int, default=4)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 2")
     args = ap.parse_args()
+    parts = {int(p) for p in args.parts.split(",")}
     rank, world = start_ranks("cpu")
     root = [tempfile.mkdtemp(prefix="dist_saver_loop_", dir=args.dir) if rank == 0 else None]
     dist.broadcast_object_list(root, src=0)
     root = root[0]
-    fixed = part_fixed_cost(root, args.rounds)
-    blocking = part_async_blocking(root, args.size_gb, world, max(3, args.rounds // 2))
-    loop = part_training_loop(root, args.size_gb / 4, world, args.steps, args.every)
+    fixed = part_fixed_cost(root, args.rounds) if 1 in parts else None
+    blocking = part_async_blocking(root, args.size_gb, world, args.rounds) if 2 in parts else None
+    loop = part_training_loop(root, args.size_gb / 4, world, args.steps, args.every) if 3 in parts else None
     if rank == 0:
         shutil.rmtree(root, ignore_errors=True)
         print(f"\n{world} ranks, dir {args.dir or '/tmp'}, torch {torch.__version__}, medians")
-        print("1. small model (100 tensors, 13 MB), repeated save, fixed cost:")
-        for name, s in fixed.items():
-            print(f"   {name:<30} {s * 1e3:8.1f} ms")
-        print(f"   dist_save / dcp.save: {fixed['dist_save'] / fixed['dcp.save']:.2f}x the time; async blocking "
-              f"{fixed['dist_save async (blocking)'] / fixed['dcp.async_save (blocking)']:.2f}x dcp.async_save's")
-        print(f"2. async blocking, FSDP2 {args.size_gb:g} GB:")
-        for name, s in blocking.items():
-            print(f"   {name:<34} {s * 1e3:8.1f} ms")
-        floor = blocking["host copy of this rank's share"]
-        print(f"   dist_save async blocking = {blocking['dist_save async (blocking)'] / floor:.2f}x the host copy "
-              f"(target <= 1.3x)")
-        print(f"3. training loop ({args.steps} steps, a save every {args.every}, FSDP2 {args.size_gb / 4:g} GB + AdamW):")
-        base = min(m for m, _ in loop["none"])
-        for mode, runs in loop.items():
-            mean = min(m for m, _ in runs)
-            over = [o for _, o in runs if o is not None]
-            extra = f", steps with a save pending {min(over) * 1e3:.1f} ms ({min(over) / base:.2f}x)" if over else ""
-            print(f"   {mode:<8} mean step {mean * 1e3:.1f} ms ({mean / base:.2f}x){extra}")
+        if fixed:
+            print("1. small model (100 tensors, 13 MB), repeated save, fixed cost:")
+            for name, s in fixed.items():
+                print(f"   {name:<30} {s * 1e3:8.1f} ms")
+            print(f"   dist_save / dcp.save: {fixed['dist_save'] / fixed['dcp.save']:.2f}x the time; async blocking "
+                  f"{fixed['dist_save async (blocking)'] / fixed['dcp.async_save (blocking)']:.2f}x dcp.async_save's")
+        if blocking:
+            print(f"2. async blocking, FSDP2 {args.size_gb:g} GB:")
+            for name, s in blocking.items():
+                print(f"   {name:<34} {s * 1e3:8.1f} ms")
+            floor = blocking["host copy of this rank's share"]
+            print(f"   dist_save async blocking = {blocking['dist_save async (blocking)'] / floor:.2f}x the host copy "
+                  f"(target <= 1.3x)")
+        if loop:
+            print(f"3. training loop ({args.steps} steps, a save every {args.every}, FSDP2 {args.size_gb / 4:g} GB + AdamW):")
+            base = min(m for m, _ in loop["none"])
+            for mode, runs in loop.items():
+                mean = min(m for m, _ in runs)
+                over = [o for _, o in runs if o is not None]
+                extra = f", steps with a save pending {min(over) * 1e3:.1f} ms ({min(over) / base:.2f}x)" if over else ""
+                print(f"   {mode:<8} mean step {mean * 1e3:.1f} ms ({mean / base:.2f}x){extra}")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"bench": "checkpoint_loop", "world": world, "dir": args.dir, "fixed": fixed,

@@ -11,7 +11,9 @@ Rows, interleaved round by round, best of --repeat, slowest rank's time:
   save_file          safetensors.torch.save_file of everything, one process (rank 0)
   DCP                dcp.save(FileSystemWriter), every rank
   dist_load          every rank loads everything; and each rank its FSDP2 Shard(0) piece (DTensors)
-  load_file          safetensors.torch.load_file of the one file, one process (rank 0)
+  load_file          safetensors.torch.load_file of the one file, one process (rank 0); warm page
+                     cache, and safetensors may leave large tensors mapped rather than read
+                     (it is fastest where tensors are few and large)
 --plan-only: merge_metadata + make_plan for 1024 ranks x 100k tensors, replicated (DDP) and
 FSDP2-sharded (Shard(0)); the bytes of one rank's pickled metadata (what the gather sends).
 """
@@ -94,8 +96,9 @@ def run_counts(args) -> None:
             fresh[0] += 1
             dist_save(dict(sd, **{f"fresh.{fresh[0]}": torch.zeros(1)}), ours + f"-first{fresh[0]}")
 
-        def repeated_save():
-            dist_save(sd, ours, overwrite=True)
+        def repeated_save():  # a new directory each time, as the first save's (no overwrite)
+            fresh[0] += 1
+            dist_save(sd, ours + f"-again{fresh[0]}")
 
         def single_save():
             if rank == 0:
@@ -108,7 +111,7 @@ def run_counts(args) -> None:
             if rank == 0:
                 load_file(one)
 
-        repeated_save()
+        dist_save(sd, ours)  # what the loads read; and the plan the repeated saves reuse
         single_save()
         barrier()
         rows = {"dist_save (plan made)": first_save, "dist_save (plan reused)": repeated_save,

@@ -7,7 +7,9 @@
 # Every step has its own timeout; the whole script stays under 5 minutes.
 # Usage: scripts/gpu_check.sh [OUT_DIR]
 #   NPROC (8), SIZE_GB (4), BENCH_DIR (/dev/shm); FULL=1 adds the whole suite on that machine's torch,
-#   the training-checkpoint benchmark and the one-process GPU save benchmark (several more minutes).
+#   the training-checkpoint, checkpoint-loop and tensor-count benchmarks and the one-process GPU save
+#   benchmark (several more minutes). The sharded load rows include dist_load with verify=False: the
+#   cost of checking checksums while reading, on that machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-/tmp/gpu_check}"
@@ -38,6 +40,12 @@ if [ "${FULL:-0}" = 1 ]; then
   echo "== training checkpoint (model + AdamW) vs DCP: $NPROC processes sharing the GPU, $BENCH_DIR"
   timeout 120 $PY -m torch.distributed.run --standalone --nproc-per-node "$NPROC" benchmarks/bench_train_ckpt.py \
     --size-gb 2 --repeat 2 --dir "$BENCH_DIR" --json "$out/train_ckpt.jsonl" 2>&1 | quiet | tail -8 || status=1
+  echo "== checkpoints at intervals: fixed cost, async blocking, training loop with CheckpointManager, $BENCH_DIR"
+  timeout 150 $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/bench_checkpoint_loop.py \
+    --size-gb 1 --dir "$BENCH_DIR" --json "$out/checkpoint_loop.jsonl" 2>&1 | quiet | tail -16 || status=1
+  echo "== cost per tensor: 2 ranks, 10k and 50k tensors, $BENCH_DIR"
+  timeout 200 $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/bench_tensor_count.py \
+    --counts 10000,50000 --repeat 2 --dir "$BENCH_DIR" --json "$out/tensor_count.jsonl" 2>&1 | quiet | tail -8 || status=1
   echo "== GPU save benchmark, one process (local disk)"
   timeout 200 $PY benchmarks/bench_gpu_save.py --size-gb "${SIZE_GB}" --dir /tmp/dist_saver_gpu_bench \
     --json "$out/gpu_bench.jsonl" 2>&1 | tail -13 || status=1
