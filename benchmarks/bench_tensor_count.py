@@ -7,7 +7,9 @@ For each N: about --total-mb of bf16 in N tensors of 8 KB to 1 MB (a few large, 
 experts and their scales; names like model.layers.L.mlp.experts.E.w1), the same on every rank.
 Rows, interleaved round by round, best of --repeat, slowest rank's time:
   dist_save          (every rank holds it all; each writes its share), the first save of the
-                     structure (plan made) and a repeated one (plan reused, only digests gathered)
+                     structure (plan made) and a repeated one (plan reused, only digests gathered);
+                     and the same tensors FSDP2-sharded (Shard(0) DTensors, repeated): every rank
+                     writes its band of every tensor in place, one checksummed range per band
   save_file          safetensors.torch.save_file of everything, one process (rank 0)
   DCP                dcp.save(FileSystemWriter), every rank
   dist_load          every rank loads everything; and each rank its FSDP2 Shard(0) piece (DTensors)
@@ -96,9 +98,15 @@ def run_counts(args) -> None:
             fresh[0] += 1
             dist_save(dict(sd, **{f"fresh.{fresh[0]}": torch.zeros(1)}), ours + f"-first{fresh[0]}")
 
+        reuses = []
+
         def repeated_save():  # a new directory each time, as the first save's (no overwrite)
             fresh[0] += 1
-            dist_save(sd, ours + f"-again{fresh[0]}")
+            reuses.append(dist_save(sd, ours + f"-again{fresh[0]}").plan_reused)
+
+        def sharded_save():  # every rank writes its Shard(0) band of every tensor, in place
+            fresh[0] += 1
+            dist_save(shards, ours + f"-fsdp{fresh[0]}")
 
         def single_save():
             if rank == 0:
@@ -115,7 +123,7 @@ def run_counts(args) -> None:
         single_save()
         barrier()
         rows = {"dist_save (plan made)": first_save, "dist_save (plan reused)": repeated_save,
-                "save_file (1 process)": single_save, "DCP save": dcp_save,
+                "dist_save (FSDP2 shards)": sharded_save, "save_file (1 process)": single_save, "DCP save": dcp_save,
                 "dist_load (everything)": lambda: dist_load(full_target, ours),
                 "dist_load (FSDP2 shards)": lambda: dist_load(shards, ours, strict=False),
                 "load_file (1 process)": single_load}
@@ -124,6 +132,8 @@ def run_counts(args) -> None:
         for k in range(args.repeat):
             for name, fn in order[k % len(order):] + order[:k % len(order)]:
                 best[name] = min(best.get(name, float("inf")), timed(fn))
+        if not all(reuses):
+            raise SystemExit(f"the repeated saves of {n} tensors did not all reuse their plan: {reuses}")
         report.append((n, total, best))
         barrier()
         if rank == 0:
@@ -145,7 +155,9 @@ def run_counts(args) -> None:
                   f"{best['DCP save'] / best['dist_save (plan made)']:.2f}x DCP; reused plan "
                   f"{best['dist_save (plan made)'] / best['dist_save (plan reused)']:.2f}x faster; load: "
                   f"{best['load_file (1 process)'] / best['dist_load (everything)']:.2f}x load_file "
-                  f"(everything), FSDP2 shards {best['dist_load (FSDP2 shards)']:.3f}s")
+                  f"(everything), FSDP2 shards {best['dist_load (FSDP2 shards)']:.3f}s; FSDP2-sharded save "
+                  f"{best['dist_save (FSDP2 shards)'] / best['dist_save (plan reused)']:.2f}x the time of the "
+                  "replicated one")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"bench": "tensor_count", "world": world, "dir": args.dir,

@@ -29,7 +29,7 @@ import os
 import pickle
 import traceback
 import weakref
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -242,6 +242,7 @@ class Comm:
             self.rank, self.world_size = 0, 1
         self._entered = self._enter() if op is not None else None
         self.last_digest: str | None = None  # of the last gather_deduplicated
+        self.last_local_digest: str | None = None  # of this rank's obj in it
 
     @property
     def key_prefix(self) -> str:
@@ -317,7 +318,8 @@ class Comm:
         return box[0]
 
     def gather_deduplicated(self, obj: Any, error: BaseException | None, what: str,
-                            cls: type = SaveError, known: str | None = None) -> list[tuple[list[int], Any]] | str:
+                            cls: type = SaveError, known: "str | Mapping[str, str] | None" = None,
+                            ) -> list[tuple[list[int], Any]] | str:
         """Gather obj from every rank, sending each distinct value once.
 
         Returns [(ranks, value)] in rank order. Under DDP/FSDP every rank describes the same
@@ -327,10 +329,15 @@ class Comm:
         known: what this rank already holds, a digest of every rank's obj from an earlier call
         (Comm.digest_of); if every rank holds exactly the digest of this call's objs, nothing is
         sent but the digests and that digest is returned instead (the same answer on every rank:
-        it is decided from what every rank sent).
+        it is decided from what every rank sent). Or a mapping {this rank's own digest of an
+        earlier obj (last_local_digest): that call's digest of every rank's}, for several earlier
+        calls held at once.
         """
         payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if error is None else b""
         digest = hashlib.sha256(payload).hexdigest()
+        self.last_local_digest = digest
+        if isinstance(known, Mapping):  # several earlier calls held: the one this rank's obj matches
+            known = known.get(digest)
         with _broken_at(self, what, error):
             digests = self.all_gather_object((digest, describe_error(error), known))
         raise_if_failed([d[1] for d in digests], what, cls)
@@ -389,7 +396,7 @@ class Comm:
         raise_if_failed([r[0] for r in reports], what, cls)
         return [r[1] for r in reports] if gather else reports[0][1]
 
-    def step(self, what: str, result: str | None = None, cls: type = SaveError, known: str | None = None) -> "Step":
+    def step(self, what: str, result: str | None = None, cls: type = SaveError, known=None) -> "Step":
         """A step done locally, then agreed on by every rank: a context manager.
 
             with comm.step(f"creating the files of {path}"):
@@ -410,8 +417,9 @@ class Comm:
                 with each distinct value sent once, see gather_deduplicated).
             cls: the error class raised when a body failed.
             known: "distinct" only: a digest of every rank's value this rank already holds (from
-                an earlier step's `digest`); if every rank holds this step's, `reused` is True,
-                `result` None and nothing but digests was sent.
+                an earlier step's `digest`), or {an earlier step's `local_digest`: its `digest`} for
+                several; if every rank holds this step's, `reused` is True, `result` None and
+                nothing but digests was sent.
 
         Returns: the Step; set its `value` in the body; read `result` after the with.
         Raises (on leaving the with): cls on every rank if any rank's body failed, with its
@@ -429,12 +437,13 @@ class Step:
     """One step of Comm.step: `value` is this rank's contribution (set in the with's body),
     `result` what the agreement returned (see Comm.step)."""
 
-    def __init__(self, comm: Comm, what: str, result: str | None, cls: type, known: str | None = None):
+    def __init__(self, comm: Comm, what: str, result: str | None, cls: type, known=None):
         self.comm, self.what, self.mode, self.cls, self.known = comm, what, result, cls, known
         self.value: Any = None
         self.result: Any = None
         self.reused = False  # "distinct" with known: every rank held what this step would gather
         self.digest: str | None = None  # "distinct": the digest of every rank's value
+        self.local_digest: str | None = None  # "distinct": the digest of this rank's value
 
     def __enter__(self) -> "Step":
         return self
@@ -447,6 +456,7 @@ class Step:
             got = self.comm.gather_deduplicated(value, error, self.what, self.cls, self.known)
             self.reused = isinstance(got, str)
             self.digest = got if self.reused else self.comm.last_digest
+            self.local_digest = self.comm.last_local_digest
             self.result = None if self.reused else got
         else:  # raised here, the agreed error is chained to this rank's own (its __context__)
             agreed = self.comm.agree(error, self.what, self.cls, value, gather=self.mode == "all")

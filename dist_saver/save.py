@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -46,8 +47,9 @@ class SaveResult:
         upload: on rank 0 with push_to_hub, the hub.Upload; else None.
         bytes_sent, bytes_written: by rank, the bytes it sent through the exchange and wrote.
         warning: set (and logged) when the checkpoint was published but a rank failed afterwards.
-        plan_reused: the ranks described the same tensors, layouts and options as at their
-            previous save on this group, so only digests were gathered and that plan was reused.
+        plan_reused: the ranks described the same tensors, layouts and options as at one of their
+            last PLANS_KEPT (4) saves of distinct structures on this group, so only digests were
+            gathered and that save's plan was reused.
     """
 
     path: str
@@ -63,7 +65,7 @@ class SaveResult:
     bytes_written: list[int] = field(default_factory=list)  # by rank: file bytes it wrote
     # Set when the checkpoint was published but a rank failed afterwards (also logged as a warning)
     warning: str | None = None
-    plan_reused: bool = False  # every rank described what it did at the previous save: its plan was reused
+    plan_reused: bool = False  # every rank described what it did at a recent save: its plan was reused
 
     @property
     def my_files(self) -> list[WrittenFile]:
@@ -185,9 +187,9 @@ def dist_save(
     # 1. Describe the local tensors and share the descriptions; if every rank describes what it
     # did last time on this group, only digests travel and the last plan is reused.
     shard_bytes, bucket_bytes = fmt.parse_size(max_shard_size), fmt.parse_size(bucket_size)  # ValueError first
-    cache = _plans.get(comm.identity) if comm.identity is not None else _plans_alone.get("plan")
+    cache = _plans_of(comm)
     with comm.step("describing what to save (state dict, config, tokenizer)", result="distinct",
-                   known=cache.digest if cache is not None else None) as described:
+                   known={p.local_digest: d for d, p in cache.items()} or None) as described:
         local, extra, training = _describe(model_or_state_dict, tokenizer, processor, optimizer, train_state,
                                            comm.rank, dtype)
         # everything the plan depends on besides the tensors: the same file split, bucket, parts
@@ -197,15 +199,14 @@ def dist_save(
                     training)
     # 2. The same plan on every rank (pure: a mismatch raises the same PlanError everywhere).
     if described.reused:
-        prep = dataclasses.replace(cache, local=local)
+        cache.move_to_end(described.digest)
+        prep = dataclasses.replace(cache[described.digest], local=local)
     else:
         prep = _prepare(local, [(ranks, value[:2]) for ranks, value in described.result], comm, opts)
-        prep.digest = described.digest
-        kept = dataclasses.replace(prep, local=None)  # not the tensors: they may be freed
-        if comm.identity is not None:
-            _plans[comm.identity] = kept
-        else:
-            _plans_alone["plan"] = kept
+        prep.digest, prep.local_digest = described.digest, described.local_digest
+        cache[described.digest] = dataclasses.replace(prep, local=None)  # not the tensors: they may be freed
+        while len(cache) > PLANS_KEPT:
+            cache.popitem(last=False)
     prep.reused = described.reused
     if not async_save:
         return _write_and_commit(prep, path, comm, opts, t0)
@@ -295,7 +296,8 @@ class _Prepared:
     sched: object  # exchange.Schedule
     boxes: dict  # sharded tensor -> group rank -> the box it holds
     digest: str | None = None  # of every rank's description it was planned from
-    reused: bool = False  # this save reused the previous save's plan
+    local_digest: str | None = None  # of this rank's description
+    reused: bool = False  # this save reused an earlier save's plan
 
     def tensors_read_by(self, rank: int) -> set[str]:
         """The local tensors this rank writes from or sends pieces of."""
@@ -303,10 +305,23 @@ class _Prepared:
         return names | {name for name, src in self.sched.senders() if src == rank}
 
 
-# The last save's plan, by our group (weakly: a destroyed group's goes with it), for the next save
-# of the same structure (Comm.step's known: the ranks agree on reusing it).
+# The last few saves' plans, by our group (weakly: a destroyed group's go with it), for a later
+# save of the same structure (Comm.step's known: the ranks agree on reusing one). Several, so that
+# a job alternating structures (training checkpoints and a bf16 export, a model and its EMA) reuses
+# each; the least recently used goes first.
+PLANS_KEPT = 4
 _plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _plans_alone: dict = {}  # without a process group
+
+
+def _plans_of(comm: Comm) -> "collections.OrderedDict[str, _Prepared]":
+    """The plans kept for comm's group: every rank's description digest -> its plan, oldest first."""
+    if comm.identity is None:
+        return _plans_alone.setdefault("plans", collections.OrderedDict())
+    cache = _plans.get(comm.identity)
+    if cache is None:
+        cache = _plans[comm.identity] = collections.OrderedDict()
+    return cache
 
 
 def _prepare(local, groups: list, comm: Comm, opts: _Options) -> _Prepared:

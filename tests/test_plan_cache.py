@@ -70,6 +70,30 @@ def test_a_save_reuses_its_plan_only_when_every_rank_describes_the_same(tmp_path
         assert_bitwise_equal(load_state_dict(tmp_path / str(i)), want)
 
 
+def _alternating(rank, world, root):
+    import dist_saver.save as save_mod
+
+    structures = [_sd(name=f"s{i}") for i in range(save_mod.PLANS_KEPT + 1)]
+    reused = []
+    for k, i in enumerate([0, 1, 0, 1] + list(range(2, len(structures))) + [1, 0]):
+        reused.append(dist_save(structures[i], os.path.join(root, f"{k}")).plan_reused)
+    return reused
+
+
+def test_saves_alternating_structures_each_reuse_their_plan_until_it_is_the_least_recent(tmp_path):
+    """A job saving two structures in turn (training checkpoints and an export) reuses both plans;
+    PLANS_KEPT are kept, the least recently used one goes first."""
+    import dist_saver.save as save_mod
+
+    outs = run_ranks(_alternating, 2, str(tmp_path), timeout=150)
+    assert outs[0] == outs[1]
+    n = save_mod.PLANS_KEPT
+    # s0 s1 s0 s1: the last two reuse; s2..s{n}: new; then s1 (used after s0) is still kept, s0 is not
+    assert outs[0] == [False, False, True, True] + [False] * (n - 1) + [True, False], outs[0]
+    for k in range(len(outs[0])):
+        assert load_state_dict(tmp_path / str(k)).keys() == {"a", f"s{([0, 1, 0, 1] + list(range(2, n + 1)) + [1, 0])[k]}"}
+
+
 def _other_world(rank, world, root, init_file):
     first = [dist_save(_sd(), os.path.join(root, f"w3-{k}")).plan_reused for k in range(2)]
     dist.destroy_process_group()
