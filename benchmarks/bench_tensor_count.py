@@ -173,8 +173,11 @@ def plan_only(world: int = 1024, n: int = 100_000) -> None:
     from dist_saver.plan import make_plan, merge_metadata
     from dist_saver.state import TensorMeta
 
-    for mode in ("replicated", "fsdp"):
-        layout = Layout((world,), tuple(range(world)), (Shard(0),)) if mode == "fsdp" else None
+    from dist_saver.exchange import make_schedule
+    from dist_saver.plan import SMALL_SHARDED_BYTES
+
+    for mode in ("replicated", "fsdp", "fsdp, small assembled"):
+        layout = Layout((world,), tuple(range(world)), (Shard(0),)) if mode != "replicated" else None
         count = n if mode == "replicated" else n // 100  # the FSDP plan is (tensors x ranks): a slice of it
         metas = [TensorMeta(f"model.layers.{i // 768}.mlp.experts.{(i // 3) % 256}.w{i % 3}", "BF16", (2048, 64),
                             layout) for i in range(count)]
@@ -182,12 +185,17 @@ def plan_only(world: int = 1024, n: int = 100_000) -> None:
         t0 = time.perf_counter()
         infos, aliases = merge_metadata([(list(range(world)), metas)], world, [{}])
         boxes = {m.name: group_boxes(m.name, m.shape, (m.layout,), lambda r: r) for m in metas} if layout else None
-        plan = make_plan(infos, world, None, aliases, boxes)
+        small = SMALL_SHARDED_BYTES if "small" in mode else 0  # dist_save's policy; else all in place
+        plan = make_plan(infos, world, None, aliases, boxes, small_sharded_bytes=small)
+        pieces = 0
+        if small:  # the exchange's schedule, which every rank builds whole
+            sched = make_schedule(plan, {m.name: m.shape for m in metas}, boxes)
+            pieces = sum(len(c.pieces) for c in sched.chunks)
         seconds = time.perf_counter() - t0
         ranges = sum(len(f.extents) for f in plan.files)
-        print(f"{mode:>10}, {world} ranks x {count} tensors: planning {seconds:.2f}s, {ranges} written ranges, "
-              f"one rank's metadata {len(blob) / 1e6:.2f} MB"
-              + (f" (x100 tensors: ~{seconds * 100:.0f}s, {ranges * 100:.2e} ranges)" if mode == "fsdp" else ""))
+        print(f"{mode:>21}, {world} ranks x {count} tensors: planning {seconds:.2f}s, {ranges} written ranges"
+              + (f", {pieces} exchanged pieces" if small else "") + f", one rank's metadata {len(blob) / 1e6:.2f} MB"
+              + (f" (x100 tensors: ~{seconds * 100:.0f}s)" if mode != "replicated" else ""))
 
 
 def main() -> None:

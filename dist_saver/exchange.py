@@ -2,7 +2,8 @@
 
 Save: the plan writes every band that some rank holds whole (Shard(0) pieces, replicated tensors)
 in place, from that rank's memory: those bytes never cross the network. A band split by columns
-(rowwise TP, 2-D) has a writer among the ranks holding its pieces; it is cut into row chunks of at
+(rowwise TP, 2-D) has a writer among the ranks holding its pieces, and a small sharded tensor is
+assembled whole on its owner from every rank's rows (plan.SMALL_SHARDED_BYTES); either is cut into row chunks of at
 most the bucket size, and each chunk needs one piece from every distinct box overlapping it
 (replicated boxes are sent once, by one holder). Every round, each writer receives its next bucket
 of chunks from all ranks in one all_to_all and assembles them straight into the writer's buffers,
@@ -91,7 +92,7 @@ def make_schedule(
             for seg in extent.segments:
                 shape = shapes[seg.name]
                 row = (seg.end - seg.begin) // (seg.hi - seg.lo)
-                item = row // math.prod(shape[1:])  # assembled segments have at least 2 dims
+                item = row // math.prod(shape[1:])  # 1-d (a small sharded tensor assembled whole): the item
                 step = max(1, bucket_bytes // row)
                 tilings = boxes[seg.name]
                 own = next((t for t in tilings if is_nonempty(t.get(w))), tilings[0])
@@ -282,18 +283,26 @@ class Exchanger:
         while self.engine.done <= chunk.round:
             self._run_round()
         dtype = fmt.torch_dtype(self.dtypes[chunk.key])
-        parts = []
+        first = chunk.rows[0]
+        parts = []  # (the piece's rows relative to the chunk's first, its columns, its data)
         for p in chunk.pieces:
             if p.peer == self.rank:
                 data = local_slice(self.local[chunk.key], self.my_boxes[chunk.key], p.offset, p.shape)
             else:
                 data = self.received[(chunk.key, chunk.rows[0], p.offset)].view(dtype).view(p.shape)
+            if not p.shape:  # a 0-d tensor: one row
+                parts.append((0, 1, (), data.reshape(1)))
+                continue
+            a = p.offset[0] - first
             cols = tuple(slice(o, o + s) for o, s in zip(p.offset[1:], p.shape[1:]))
-            parts.append((cols, data))
+            parts.append((a, a + p.shape[0], cols, data))
 
         def fill(dst: torch.Tensor, r0: int, r1: int) -> None:
-            for cols, data in parts:
-                dst[(slice(None),) + cols].copy_(data[r0:r1])
+            # a piece spans all the chunk's rows (split by columns) or some of them (by rows)
+            for a, b, cols, data in parts:
+                lo, hi = max(a, r0), min(b, r1)
+                if lo < hi:
+                    dst[(slice(lo - r0, hi - r0),) + cols].copy_(data[lo - a : hi - a])
 
         return fill
 

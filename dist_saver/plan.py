@@ -9,6 +9,9 @@ writes its header. The tensor's bytes are written in place by the ranks that hol
 that one rank holds whole (a Shard(0) piece: FSDP2, colwise TP; or a replicated tensor) is written by
 that rank from its own memory; a band split across ranks by columns (rowwise TP, 2-D) is assembled
 on one of the ranks holding its pieces (the exchange), with the bands spread across those ranks.
+A small sharded tensor (make_plan's small_sharded_bytes) is assembled whole on its owner instead:
+written in place its bands would be one tiny range per rank each (tensors x ranks ranges, each with
+its own write, checksum and index entry); assembled, a file's run of small tensors is one range.
 """
 
 from __future__ import annotations
@@ -59,6 +62,12 @@ class Extent(NamedTuple):
     assembled: bool
     segments: tuple[Segment, ...]
 
+
+# What dist_save passes as make_plan's small_sharded_bytes (read at each save). Measured, 20k
+# sharded tensors of 8 KB: in place 2.47 s (2 ranks) / 4.82 s (4 ranks) and 40k / 80k ranges;
+# assembled on their owners 1.60 s / 2.53 s and one range per file. Real models' small tensors are
+# norms, biases and quantisation scales, so little crosses the network.
+SMALL_SHARDED_BYTES = 1 << 20
 
 # The checkpoint id in FilePlan.header, replaced by each save's (FilePlan.header_for).
 _ID_PLACEHOLDER = "0" * fmt.CHECKPOINT_ID_CHARS
@@ -320,6 +329,7 @@ def make_plan(
     aliases: dict[str, str] | None = None,
     boxes: Mapping[str, Tiling] | None = None,
     prefix: str = "model",
+    small_sharded_bytes: int = 0,
 ) -> Plan:
     """Owner and file of every tensor, the files' global numbering, each tensor's offsets, and the
     rank that writes every byte range.
@@ -328,6 +338,8 @@ def make_plan(
     global tensor that each rank holds (ranks holding nothing may be absent or have an empty box).
     Tensors not in it are held whole by their holders, and written by their owner.
     prefix: the files' name prefix (model-00001-of-00004.safetensors, or optimizer-...).
+    small_sharded_bytes: a sharded tensor of at most this many bytes (not replicated on any rank)
+        is assembled whole on its owner through the exchange rather than written in place.
     """
     if world_size < 1:
         raise ValueError("world_size must be >= 1")
@@ -366,7 +378,8 @@ def make_plan(
             number = len(out) + 1
             entries, offset = _layout_file(members)
             if boxes and any(e.name in boxes for e in entries):
-                extents = _extents([s for e in entries for s in _segments(e, rank, boxes.get(e.name), load)])
+                extents = _extents([s for e in entries
+                                    for s in _segments(e, rank, boxes.get(e.name), load, small_sharded_bytes)])
             else:  # every tensor held whole by its owner, which writes the file's data in one extent
                 segments = tuple([new(Segment, (e.name, 0, e.shape[0] if e.shape else 1, e.begin, e.end, rank, False))
                                   for e in entries if e.end != e.begin])
@@ -377,7 +390,7 @@ def make_plan(
     return Plan(world_size, tuple(out), aliases)
 
 
-def _segments(entry: fmt.HeaderEntry, owner: int, tiling: Tiling | None, load: list[int]):
+def _segments(entry: fmt.HeaderEntry, owner: int, tiling: Tiling | None, load: list[int], small: int = 0):
     """Who writes which rows of one tensor (see the module docstring)."""
     nbytes = entry.end - entry.begin
     if nbytes == 0:
@@ -394,6 +407,9 @@ def _segments(entry: fmt.HeaderEntry, owner: int, tiling: Tiling | None, load: l
         writer = owner if owner in whole else _least_loaded(whole, load)
         load[writer] += nbytes
         return [Segment(entry.name, 0, rows, entry.begin, entry.end, writer, False)]
+    if nbytes <= small and shape:  # small and sharded: assembled whole on its owner
+        load[owner] += nbytes
+        return [Segment(entry.name, 0, rows, entry.begin, entry.end, owner, True)]
     row_bytes = nbytes // rows
     holders: dict[Box, list[int]] = {}
     for r, b in sorted(boxes.items()):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import format as fmt
+from . import plan as plan_mod
 from .comm import Comm, describe_error, own_group
 from .errors import CollectiveError, DistSaverWarning, SaveError
 from .commit import Target, WrittenFile, check_written, write_index, written_files
@@ -340,12 +341,16 @@ def _prepare(local, groups: list, comm: Comm, opts: _Options) -> _Prepared:
     shapes = {i.name: i.shape for i in infos}
     boxes = {name: group_boxes(name, shapes[name], ls, comm.group_rank) for name, ls in layouts.items()}
     if opts.training is None:
-        plan = make_plan(infos, comm.world_size, opts.max_shard_bytes, aliases, boxes)
+        plan = make_plan(infos, comm.world_size, opts.max_shard_bytes, aliases, boxes,
+                         small_sharded_bytes=plan_mod.SMALL_SHARDED_BYTES)
     else:  # the optimizer's tensors get files of their own, planned, written and published alike
         model_infos = [i for i in infos if not i.name.startswith(OPTIM_PREFIX)]
         optim_infos = [i for i in infos if i.name.startswith(OPTIM_PREFIX)]
-        plan = make_plan(model_infos, comm.world_size, opts.max_shard_bytes, aliases, boxes).joined(
-            make_plan(optim_infos, comm.world_size, opts.max_shard_bytes, {}, boxes, prefix="optimizer"))
+        small = plan_mod.SMALL_SHARDED_BYTES
+        plan = make_plan(model_infos, comm.world_size, opts.max_shard_bytes, aliases, boxes,
+                         small_sharded_bytes=small).joined(
+            make_plan(optim_infos, comm.world_size, opts.max_shard_bytes, {}, boxes, prefix="optimizer",
+                      small_sharded_bytes=small))
     sched = make_schedule(plan, shapes, boxes, opts.bucket_bytes)
     return _Prepared(local, infos, plan, sched, boxes)
 

@@ -118,6 +118,9 @@ def main() -> None:
             _die()
         train(model, opt, sched, "fsdp", [step])
         state = {"step": step, "sched": sched.state_dict()}
+        if manager is None and step % args.every == 0 and pending is not None:
+            pending.wait()  # before a fault goes in: it is meant for this step's save, not the last one's
+            pending = None
         if faults.get((attempt, rank, "save", step)):
             _held.append(using_file_ops(_DyingOps()))  # for this save's writer, whichever thread makes it
             _held[-1].__enter__()
@@ -128,8 +131,6 @@ def main() -> None:
             continue
         if step % args.every == 0:
             asynchronous = (step // args.every) % 2 == 1
-            if pending is not None:
-                pending.wait()
             out = dist_save(model, os.path.join(args.root, f"checkpoint-{step}"), optimizer=opt, train_state=state,
                             async_save=asynchronous, timeout=60)
             pending = out if asynchronous else None

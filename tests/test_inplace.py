@@ -47,7 +47,11 @@ def _odd_state(world: int) -> dict:
             for k, t in odd_reference().items()}
 
 
-def _save_layouts(rank, world, root, layouts):
+def _save_layouts(rank, world, root, layouts, small):
+    import dist_saver.plan as plan_mod
+
+    if small == "in place":  # these models' tensors are all small: written in place anyway
+        plan_mod.SMALL_SHARDED_BYTES = 0
     out = {}
     for layout in layouts:
         model = _odd_state(world) if layout == "odd" else build(layout, world)
@@ -74,6 +78,28 @@ def _expected_bytes(plan, reference, checkpoint_id) -> dict[str, bytes]:
             parts.append(v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
         out[f.name] = b"".join(parts)
     return out
+
+
+def _check_small_assembled(saves):
+    """Small sharded tensors (all of these models') assembled whole on their owners: the same
+    bytes, one range per run of them in a file, written by the file's owner."""
+    for path, (layout, plan, sent, held, files) in saves.items():
+        reference = odd_reference() if layout == "odd" else reference_state_dict()
+        check_checkpoint_files(path)
+        assert_bitwise_equal(load_state_dict(path), reference)
+        with open(os.path.join(path, fmt.INDEX_NAME)) as fh:
+            index = json.load(fh)
+        checkpoint_id = index["metadata"]["dist_saver"][fmt.CHECKPOINT_ID_KEY]
+        for name, data in _expected_bytes(plan, reference, checkpoint_id).items():
+            with open(os.path.join(path, name), "rb") as f:
+                assert f.read() == data, f"{path}/{name} differs from the plan's bytes"
+        assert verify(path)
+        recorded = index["metadata"]["dist_saver"]["files"]
+        if layout == "fsdp":  # nothing replicated: each file is its header and one run by its owner
+            assert sum(sent) > 0, (path, sent)
+            for f in files:
+                assert {r for _, _, r, _ in recorded[f.name]["ranges"]} == {f.rank}, (path, f.name)
+                assert len(recorded[f.name]["ranges"]) <= 2, (path, recorded[f.name]["ranges"])
 
 
 def _check_saves(saves):
@@ -108,15 +134,20 @@ def _check_saves(saves):
     (2, ("fsdp", "tp", "hsdp", "odd")),
     (4, ("fsdp", "tp", "2d", "hsdp", "odd")),
 ])
-def test_sharded_saves_write_in_place_bit_exact(tmp_path, world, layouts):
-    saves = run_ranks(_save_layouts, world, str(tmp_path), layouts, timeout=300)[0]
+@pytest.mark.parametrize("small", ["in place", "assembled"])
+def test_sharded_saves_write_in_place_bit_exact(tmp_path, world, layouts, small):
+    saves = run_ranks(_save_layouts, world, str(tmp_path), layouts, small, timeout=300)[0]
     assert len(saves) == 2 * len(layouts)
-    _check_saves(saves)
+    (_check_saves if small == "in place" else _check_small_assembled)(saves)
 
 
 def _flip_and_load(rank, world, path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    import dist_saver.plan as plan_mod
+
+    plan_mod.SMALL_SHARDED_BYTES = 0  # the bands of these 256 KB weights in place: rank 1's ranges
 
     def model():
         mesh = init_device_mesh("cpu", (world,))
@@ -185,6 +216,9 @@ def test_commit_refuses_missing_duplicate_and_misattributed_ranges():
 
 def _on_device(rank, world, root, device):
     """Save sharded models whose pieces live on `device` (sync and async), load them back there."""
+    import dist_saver.plan as plan_mod
+
+    plan_mod.SMALL_SHARDED_BYTES = 0  # the bands in place, as a larger model's (these are all small)
     if device == "cuda":
         torch.cuda.set_device(0)  # one GPU shared by the ranks (gloo moves the bytes)
     reference = reference_state_dict()
