@@ -66,6 +66,32 @@ def test_row_shards_are_written_in_place_by_their_holders():
     assert plan.bytes_per_rank() == [18 * 400, 18 * 400, 18 * 400, 16 * 400]
 
 
+def test_small_sharded_tensors_are_assembled_whole_on_their_owner_in_one_range():
+    """Below small_sharded_bytes a Shard(0) tensor is not written band by band: its owner writes it
+    whole from every rank's rows (the exchange), so a file's run of them is one range."""
+    layout = Layout((4,), (0, 1, 2, 3), (Shard(0),))
+    infos = ([TensorInfo(f"s{i}", "F32", (10, 3), 120) for i in range(6)]  # uneven: 3, 3, 3, 1 rows
+             + [TensorInfo("big", "F32", (8, 64), 8 * 64 * 4)] + [TensorInfo("v", "F32", (7,), 28)])
+    boxes = {i.name: group_boxes(i.name, i.shape, (layout,), lambda r: r) for i in infos}
+    plan = make_plan(infos, 4, boxes=boxes, small_sharded_bytes=1000)
+    _check_tiles(plan)
+    for f in plan.files:
+        for e in f.extents:
+            names = [s.name for s in e.segments]
+            if "big" in names:  # larger than the limit: its bands in place, by their holders
+                assert names == ["big"] and not e.assembled
+            else:  # the owner's consecutive small tensors (1-d too): one assembled extent
+                assert e.assembled and e.rank == f.rank and all(s.lo == 0 for s in e.segments)
+    sched = make_schedule(plan, {i.name: i.shape for i in infos}, boxes)
+    for c in sched.chunks:  # every rank's rows of the tensor, tiling it
+        rows = sorted((p.offset[0], p.offset[0] + p.shape[0]) for p in c.pieces)
+        assert rows[0][0] == c.rows[0] and rows[-1][1] == c.rows[1]
+        assert all(a[1] == b[0] for a, b in zip(rows, rows[1:])) and {p.peer for p in c.pieces} == {0, 1, 2, 3}
+    assert {c.key for c in sched.chunks} == {f"s{i}" for i in range(6)} | {"v"}
+    in_place = make_plan(infos, 4, boxes=boxes)  # the default: every band in place
+    assert not any(e.assembled for f in in_place.files for e in f.extents)
+
+
 def test_replicated_row_shards_are_written_once_spread_over_the_replicas_hsdp():
     # HSDP: replicate over 2 groups, shard over 2 ranks in each (rows 0-31 on ranks 0 and 2)
     layout = Layout((2, 2), (0, 1, 2, 3), (Replicate(), Shard(0)))
