@@ -290,9 +290,6 @@ class Exchanger:
                 data = local_slice(self.local[chunk.key], self.my_boxes[chunk.key], p.offset, p.shape)
             else:
                 data = self.received[(chunk.key, chunk.rows[0], p.offset)].view(dtype).view(p.shape)
-            if not p.shape:  # a 0-d tensor: one row
-                parts.append((0, 1, (), data.reshape(1)))
-                continue
             a = p.offset[0] - first
             cols = tuple(slice(o, o + s) for o, s in zip(p.offset[1:], p.shape[1:]))
             parts.append((a, a + p.shape[0], cols, data))

@@ -312,13 +312,13 @@ class _Prepared:
 # each; the least recently used goes first.
 PLANS_KEPT = 4
 _plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_plans_alone: dict = {}  # without a process group
+_plans_alone: "collections.OrderedDict[str, _Prepared]" = collections.OrderedDict()  # without a process group
 
 
 def _plans_of(comm: Comm) -> "collections.OrderedDict[str, _Prepared]":
     """The plans kept for comm's group: every rank's description digest -> its plan, oldest first."""
     if comm.identity is None:
-        return _plans_alone.setdefault("plans", collections.OrderedDict())
+        return _plans_alone
     cache = _plans.get(comm.identity)
     if cache is None:
         cache = _plans[comm.identity] = collections.OrderedDict()
@@ -340,13 +340,12 @@ def _prepare(local, groups: list, comm: Comm, opts: _Options) -> _Prepared:
                 layouts[m.name] = layouts.get(m.name, ()) + (m.layout,)
     shapes = {i.name: i.shape for i in infos}
     boxes = {name: group_boxes(name, shapes[name], ls, comm.group_rank) for name, ls in layouts.items()}
+    small = plan_mod.SMALL_SHARDED_BYTES  # read at each save (tests set it)
     if opts.training is None:
-        plan = make_plan(infos, comm.world_size, opts.max_shard_bytes, aliases, boxes,
-                         small_sharded_bytes=plan_mod.SMALL_SHARDED_BYTES)
+        plan = make_plan(infos, comm.world_size, opts.max_shard_bytes, aliases, boxes, small_sharded_bytes=small)
     else:  # the optimizer's tensors get files of their own, planned, written and published alike
         model_infos = [i for i in infos if not i.name.startswith(OPTIM_PREFIX)]
         optim_infos = [i for i in infos if i.name.startswith(OPTIM_PREFIX)]
-        small = plan_mod.SMALL_SHARDED_BYTES
         plan = make_plan(model_infos, comm.world_size, opts.max_shard_bytes, aliases, boxes,
                          small_sharded_bytes=small).joined(
             make_plan(optim_infos, comm.world_size, opts.max_shard_bytes, {}, boxes, prefix="optimizer",

@@ -80,20 +80,26 @@ def _expected_bytes(plan, reference, checkpoint_id) -> dict[str, bytes]:
     return out
 
 
+def _check_bytes(path, layout, plan) -> dict:
+    """The checkpoint loads bit for bit, holds exactly the plan's bytes and verifies; its index."""
+    reference = odd_reference() if layout == "odd" else reference_state_dict()
+    check_checkpoint_files(path)
+    assert_bitwise_equal(load_state_dict(path), reference)
+    with open(os.path.join(path, fmt.INDEX_NAME)) as fh:
+        index = json.load(fh)
+    checkpoint_id = index["metadata"]["dist_saver"][fmt.CHECKPOINT_ID_KEY]
+    for name, data in _expected_bytes(plan, reference, checkpoint_id).items():
+        with open(os.path.join(path, name), "rb") as f:
+            assert f.read() == data, f"{path}/{name} differs from the plan's bytes"
+    assert verify(path)
+    return index
+
+
 def _check_small_assembled(saves):
     """Small sharded tensors (all of these models') assembled whole on their owners: the same
     bytes, one range per run of them in a file, written by the file's owner."""
     for path, (layout, plan, sent, held, files) in saves.items():
-        reference = odd_reference() if layout == "odd" else reference_state_dict()
-        check_checkpoint_files(path)
-        assert_bitwise_equal(load_state_dict(path), reference)
-        with open(os.path.join(path, fmt.INDEX_NAME)) as fh:
-            index = json.load(fh)
-        checkpoint_id = index["metadata"]["dist_saver"][fmt.CHECKPOINT_ID_KEY]
-        for name, data in _expected_bytes(plan, reference, checkpoint_id).items():
-            with open(os.path.join(path, name), "rb") as f:
-                assert f.read() == data, f"{path}/{name} differs from the plan's bytes"
-        assert verify(path)
+        index = _check_bytes(path, layout, plan)
         recorded = index["metadata"]["dist_saver"]["files"]
         if layout == "fsdp":  # nothing replicated: each file is its header and one run by its owner
             assert sum(sent) > 0, (path, sent)
@@ -104,16 +110,7 @@ def _check_small_assembled(saves):
 
 def _check_saves(saves):
     for path, (layout, plan, sent, held, files) in saves.items():
-        reference = odd_reference() if layout == "odd" else reference_state_dict()
-        check_checkpoint_files(path)
-        assert_bitwise_equal(load_state_dict(path), reference)
-        with open(os.path.join(path, fmt.INDEX_NAME)) as fh:
-            index = json.load(fh)
-        checkpoint_id = index["metadata"]["dist_saver"][fmt.CHECKPOINT_ID_KEY]
-        for name, data in _expected_bytes(plan, reference, checkpoint_id).items():
-            with open(os.path.join(path, name), "rb") as f:
-                assert f.read() == data, f"{path}/{name} differs from the plan's bytes"
-        assert verify(path)
+        index = _check_bytes(path, layout, plan)
         if layout in ("fsdp", "hsdp"):  # pure Shard(0): nothing crosses the network
             assert sum(sent) == 0, (path, sent)
             if layout == "fsdp":
